@@ -1,0 +1,1 @@
+"""JumpReLU SAE ops: `reference` (plain PyTorch, the oracle) and, on CUDA, the Triton kernels."""
