@@ -1,0 +1,1 @@
+"""`python -m bench`: throughput of the SAE training step, reported against its FLOP count."""

@@ -1,0 +1,8 @@
+"""Harvesting residual-stream activations from a live language model, as shuffled, resumable batches."""
+
+from .config import BufferConfig, DataConfig, ModelConfig
+from .errors import HarvestError
+from .harvester import Harvester
+from .lm import load_lm
+
+__all__ = ["BufferConfig", "DataConfig", "HarvestError", "Harvester", "ModelConfig", "load_lm"]

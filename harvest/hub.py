@@ -1,0 +1,16 @@
+"""Offline-first access to the Hugging Face hub.
+
+The project's machines have no hub: a hub name would retry for 20+ s before failing. We default both
+offline switches on, before `datasets` is first imported (it reads them once, at import), and pass
+`local_files_only` to transformers (which honours it whenever it was imported). Set HF_HUB_OFFLINE=0
+to allow downloads where a network exists.
+"""
+
+import os
+
+
+def hub_offline() -> bool:
+    """Default the hub's offline switches on (unless set by the user); return whether they are on."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", os.environ["HF_HUB_OFFLINE"])
+    return os.environ["HF_HUB_OFFLINE"].upper() in {"1", "ON", "YES", "TRUE"}

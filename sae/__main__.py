@@ -1,0 +1,88 @@
+"""`python -m sae`: the command line.
+
+    python -m sae train                       # the embedded offline default: Gemma-3 270M, ICD-10-CM text
+    python -m sae train --resume runs/default # continue an interrupted run where its last checkpoint left off
+    python -m sae train --help                # every setting, grouped by section, with its default
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sae.config import ConfigError, TrainConfig
+from sae.config_cli import add_config_arguments, build_config, given_flags
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sae", description="saekit: train JumpReLU sparse autoencoders.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    train = commands.add_parser(
+        "train",
+        help="train a JumpReLU SAE on activations harvested live from a language model",
+        description=(
+            "Train a JumpReLU SAE on activations harvested live from a language model. With no flags it trains "
+            "on the offline default (Gemma-3 270M from PyPI, layer 12, ICD-10-CM descriptions) in a few CPU "
+            "minutes and writes runs/default/. Every flag below overrides one config field."
+        ),
+    )
+    train.add_argument(
+        "--resume", metavar="PATH", default=None,
+        help="continue from a run folder (its latest checkpoint) or a checkpoint folder; the saved config is "
+        "used, and flags given here may change only the objective, optimiser and run settings",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (log lines still go to metrics.jsonl)")
+    add_config_arguments(train, TrainConfig)
+    return parser
+
+
+def train(args: argparse.Namespace) -> int:
+    from harvest import Harvester
+    from sae import checkpoint as ckpt
+    from sae.trainer import Trainer, resolve_device
+
+    overrides = given_flags(args, TrainConfig)
+    base = None
+    if args.resume is not None:
+        base = ckpt.load_training_state(ckpt.find_checkpoint(args.resume)).info["config"]
+    cfg = build_config(TrainConfig, overrides, base)
+    device = resolve_device(cfg.run.device)
+    print(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")
+    source = Harvester(cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, device=str(device))
+    trainer = Trainer(cfg, source, metadata=source.metadata(), resume=args.resume, progress=not args.no_progress)
+    print(
+        f"SAE d_in={trainer.model.d_in} d_sae={trainer.model.d_sae}, {cfg.objective.sparsity} objective, "
+        f"{cfg.run.steps} steps x {cfg.optim.batch_size} tokens -> {cfg.run.out_dir}"
+        + (f" (resuming at step {trainer.step})" if args.resume else "")
+    )
+    try:
+        summary = trainer.fit()
+    except KeyboardInterrupt:
+        return 130
+    print(
+        f"\ndone: {summary.step} steps, {summary.tokens:,} tokens\n"
+        f"  checkpoint          {summary.checkpoint}\n"
+        f"  L0 (last batch)     {summary.l0:.1f}\n"
+        f"  explained variance  {summary.explained_variance:.3f} (last batch, about the mean)\n"
+        f"  dead latents        {summary.dead_fraction:.1%} (no fire in the last {summary.dead_window_tokens:,} tokens)\n"
+        f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
+    )
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from harvest.errors import HarvestError
+    from sae.checkpoint import CheckpointError
+
+    try:
+        if args.command == "train":
+            return train(args)
+    except (ConfigError, CheckpointError, HarvestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,192 @@
+"""Configs of the SAE, its objective, the optimiser and the run, composed with the harvester's into one.
+
+Every field has a docstring on the line after it: `sae.config_cli` turns them into `--help`. Field names
+are unique across all sections because the command line is flat (`--d-sae`, `--target-l0`, ...).
+Defaults are the embedded offline run (Gemma-3 270M, ICD-10-CM, a few CPU minutes); the README lists the
+flags of the Gemma Scope and Salmon recipes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from harvest.config import BufferConfig, DataConfig, ModelConfig
+
+BACKENDS = ("reference",)
+SPARSITY_OBJECTIVES = ("l0", "target_l0")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message says what to change."""
+
+
+@dataclass
+class SAEConfig:
+    d_sae: int | None = None
+    """Number of latents F. Default: expansion_factor * d_in."""
+    expansion_factor: int = 4
+    """d_sae = expansion_factor * d_in when --d-sae is not given."""
+    bandwidth: float = 0.001
+    """STE window width eps of the threshold pseudo-derivatives (RECIPES: 0.001)."""
+    threshold_init: float = 0.001
+    """Initial threshold of every latent (RECIPES: 0.001). Not used when --init-l0 is set."""
+    init_l0: float | None = 128.0
+    """If set, each latent's threshold starts at the quantile of its pre-activations on the first batches
+    at which it fires on init_l0/d_sae of tokens, so training starts at L0 ~ init_l0 instead of ~d_sae/2
+    (RECIPES section 7: from theta = 0.001 a short run cannot reach a small L0)."""
+    b_dec_init: str = "mean"
+    """Decoder bias init: "zeros" (RECIPES) or "mean" of the first batches (halved delta CE in RECIPES 7)."""
+    backend: str = "reference"
+    """Implementation of the SAE forward/backward: "reference" (plain PyTorch)."""
+
+    def __post_init__(self) -> None:
+        if self.d_sae is not None and self.d_sae < 1:
+            raise ConfigError(f"--d-sae must be a positive number of latents; got {self.d_sae}")
+        if self.expansion_factor < 1:
+            raise ConfigError(f"--expansion-factor must be >= 1; got {self.expansion_factor}")
+        if not self.bandwidth > 0:
+            raise ConfigError(f"--bandwidth must be > 0; got {self.bandwidth}")
+        if not self.threshold_init > 0:
+            raise ConfigError(f"--threshold-init must be > 0 (JumpReLU needs theta > 0); got {self.threshold_init}")
+        if self.init_l0 is not None and not self.init_l0 > 0:
+            raise ConfigError(f"--init-l0 must be > 0 (or omitted); got {self.init_l0}")
+        if self.b_dec_init not in ("zeros", "mean"):
+            raise ConfigError(f"--b-dec-init must be 'zeros' or 'mean'; got {self.b_dec_init!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {BACKENDS}; got {self.backend!r}")
+
+    def width(self, d_in: int) -> int:
+        """The number of latents F for an input width d_in."""
+        return self.d_sae if self.d_sae is not None else self.expansion_factor * d_in
+
+
+@dataclass
+class ObjectiveConfig:
+    sparsity: str = "target_l0"
+    """Sparsity term: "l0" = lambda * mean L0 (Gemma Scope), "target_l0" = lambda * (L0/target - 1)^2 (Salmon)."""
+    l0_coefficient: float = 1.0
+    """lambda, the sparsity coefficient (Salmon: 1 with target_l0; Gemma Scope sweeps it with l0)."""
+    target_l0: float = 32.0
+    """Target mean L0 of the target_l0 objective."""
+    sparsity_warmup_steps: int = 100
+    """lambda rises linearly from 0 over this many steps (Gemma Scope 10k, Salmon 5k)."""
+
+    def __post_init__(self) -> None:
+        if self.sparsity not in SPARSITY_OBJECTIVES:
+            raise ConfigError(f"--sparsity must be one of {SPARSITY_OBJECTIVES}; got {self.sparsity!r}")
+        if self.l0_coefficient < 0:
+            raise ConfigError(f"--l0-coefficient must be >= 0; got {self.l0_coefficient}")
+        if not self.target_l0 > 0:
+            raise ConfigError(f"--target-l0 must be > 0; got {self.target_l0}")
+        if self.sparsity_warmup_steps < 0:
+            raise ConfigError(f"--sparsity-warmup-steps must be >= 0; got {self.sparsity_warmup_steps}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    """Adam learning rate (Gemma Scope 7e-5, Salmon 3e-4; the short offline default uses 1e-3)."""
+    adam_beta1: float = 0.0
+    """Adam beta1 (RECIPES: 0)."""
+    adam_beta2: float = 0.999
+    """Adam beta2 (RECIPES: 0.999)."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    lr_warmup_steps: int = 20
+    """Learning rate rises linearly from 0 over this many steps (RECIPES: 1000)."""
+    lr_decay_fraction: float = 0.2
+    """Learning rate decays linearly to 0 over this last fraction of the steps (Salmon: 0.2; 0 = none)."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (RECIPES: 1.0; 0 = no clipping)."""
+    batch_size: int = 1024
+    """Activations per training step (Gemma Scope 4096, Salmon 2048)."""
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be > 0; got {self.lr}")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"Adam betas must lie in [0, 1); got ({self.adam_beta1}, {self.adam_beta2})")
+        if not 0 <= self.lr_decay_fraction <= 1:
+            raise ConfigError(f"--lr-decay-fraction must lie in [0, 1]; got {self.lr_decay_fraction}")
+        if self.lr_warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ConfigError("--lr-warmup-steps and --max-grad-norm must be >= 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1; got {self.batch_size}")
+
+
+@dataclass
+class RunConfig:
+    steps: int = 300
+    """Training steps; tokens trained on = steps * batch_size."""
+    out_dir: str = "runs/default"
+    """Run folder: metrics.jsonl, run_config.json and checkpoints/ land here."""
+    seed: int = 0
+    """Seeds the SAE initialisation."""
+    device: str = "auto"
+    """Training device: "cpu", "cuda", "cuda:N", or "auto" (cuda when available)."""
+    init_batches: int = 4
+    """Batches used to estimate the activation scale (and b_dec / thresholds when initialised from data);
+    they are then trained on like any other batch."""
+    scale_activations: bool = True
+    """Scale activations by one fixed scalar so that E||x||^2 = d_in (folded into the saved weights)."""
+    dead_window_tokens: int = 10_000_000
+    """A latent is dead when it has not fired in this many tokens (convention: 10M)."""
+    checkpoint_every: int = 100
+    """Save a resumable checkpoint every this many steps (and at the end, and on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """How many of the most recent checkpoints to keep."""
+    log_every: int = 10
+    """Write a metrics.jsonl line every this many steps."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"--steps must be >= 1; got {self.steps}")
+        for name in ("init_batches", "checkpoint_every", "keep_checkpoints", "log_every", "dead_window_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1; got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved with every checkpoint."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    buffer: BufferConfig = field(default_factory=BufferConfig)
+    sae: SAEConfig = field(default_factory=SAEConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def check_width(self, d_in: int) -> None:
+        """Raise ConfigError when the SAE width and the sparsity target cannot work for this d_in."""
+        d_sae = self.sae.width(d_in)
+        if self.objective.sparsity == "target_l0" and self.objective.target_l0 >= d_sae:
+            raise ConfigError(
+                f"--target-l0 {self.objective.target_l0} must be well below d_sae {d_sae}: lower it or widen the SAE"
+            )
+        if self.sae.init_l0 is not None and self.sae.init_l0 >= d_sae:
+            raise ConfigError(f"--init-l0 {self.sae.init_l0} must be below d_sae {d_sae}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from `to_dict` output; unknown sections or fields raise ConfigError naming them."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(sections)
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory  # type: ignore[misc]
+            values = data.get(f.name, {})
+            names = {g.name for g in dataclasses.fields(section_cls)}
+            bad = set(values) - names
+            if bad:
+                raise ConfigError(f"unknown fields {sorted(bad)} in config section '{f.name}'")
+            kwargs[f.name] = section_cls(**values)
+        return cls(**kwargs)

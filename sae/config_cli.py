@@ -1,0 +1,100 @@
+"""Turn the config dataclasses into a flat command line, with each field's docstring as its help.
+
+`--d-sae 16384` sets `TrainConfig.sae.d_sae`. Flags not given on the command line keep the defaults (or,
+on --resume, the checkpoint's values), so `given_flags` reports exactly what the user typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from functools import cache
+from typing import Any
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings of a dataclass: the string literal on the line after each field."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def _base_type(annotation: Any) -> tuple[type, bool]:
+    """(scalar type, optional?) of an annotation like `int`, `float | None`."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _parse_optional(kind: type):
+    def parse(text: str):
+        return None if text.lower() in ("none", "null", "") else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one argument group per section of `config_cls` (a dataclass of dataclasses)."""
+    hints = typing.get_type_hints(config_cls)
+    for section in dataclasses.fields(config_cls):
+        section_cls = hints[section.name]
+        group = parser.add_argument_group(section.name, (section_cls.__doc__ or "").strip().split("\n")[0])
+        section_hints = typing.get_type_hints(section_cls)
+        docs = field_docs(section_cls)
+        for f in dataclasses.fields(section_cls):
+            kind, optional = _base_type(section_hints[f.name])
+            default = f.default
+            help_text = f"{docs.get(f.name, '')} (default: {default})"
+            if kind is bool:
+                group.add_argument(
+                    flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS, help=help_text,
+                )
+            else:
+                parse = _parse_optional(kind) if optional else kind
+                group.add_argument(
+                    flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS,
+                    metavar=kind.__name__.upper(), help=help_text,
+                )
+
+
+def given_flags(args: argparse.Namespace, config_cls: type) -> dict[str, dict[str, Any]]:
+    """{section: {field: value}} for the config fields present on the command line."""
+    hints = typing.get_type_hints(config_cls)
+    out: dict[str, dict[str, Any]] = {}
+    for section in dataclasses.fields(config_cls):
+        for f in dataclasses.fields(hints[section.name]):
+            if hasattr(args, f.name):
+                out.setdefault(section.name, {})[f.name] = getattr(args, f.name)
+    return out
+
+
+def build_config(config_cls: type, overrides: dict[str, dict[str, Any]], base: dict | None = None):
+    """The config from `base` (a to_dict() of a config, or the defaults) with `overrides` applied."""
+    data = base if base is not None else dataclasses.asdict(config_cls())
+    data = {name: dict(values) for name, values in data.items()}
+    for section, values in overrides.items():
+        data[section].update(values)
+    return config_cls.from_dict(data)

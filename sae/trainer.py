@@ -1,0 +1,318 @@
+"""The training loop: short named steps around one `train_step`.
+
+The trainer consumes any iterable of activation batches [B, D] (see `sae.batches`); it does not know where
+they come from. It trains on scale * x with scale fixed from the first batches so that E||x||^2 = d_in,
+and saves checkpoints whose SAE acts on raw x.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from sae import checkpoint as ckpt
+from sae.batches import BatchStream
+from sae.config import TrainConfig
+from sae.model import PARAM_NAMES, JumpReLUSAE
+from sae.objectives import sae_loss
+from sae.schedule import lr_at, sparsity_coefficient_at
+
+# Sections that fix the data stream or the SAE's shape: a resumed run must keep them.
+_FROZEN_SECTIONS = ("model", "data", "buffer", "sae")
+_THRESHOLD_FLOOR = 1e-6  # keeps theta > 0 (RECIPES: thresholds are positive)
+
+
+class StepStats(NamedTuple):
+    loss: float
+    reconstruction: float
+    sparsity: float
+    l0: float
+    explained_variance: float
+    grad_norm: float
+    lr: float
+    sparsity_coefficient: float
+
+
+class TrainSummary(NamedTuple):
+    checkpoint: Path
+    step: int
+    tokens: int
+    l0: float
+    explained_variance: float
+    dead_fraction: float
+    dead_window_tokens: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
+    """1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the batch (variance about the mean, RECIPES 3)."""
+    residual = (x - x_hat).pow(2).sum()
+    total = (x - x.mean(dim=0)).pow(2).sum()
+    return 1.0 - residual / total
+
+
+class Trainer:
+    """Train one JumpReLU SAE on a stream of activation batches.
+
+    Args:
+        cfg: the run's config.
+        source: an iterable of float tensors [B, D]; with state_dict()/load_state_dict() the data position
+            is checkpointed too.
+        metadata: cfg.json "metadata" (model_name, hook_name, ...), from the harvester.
+        resume: a run folder or checkpoint folder to continue from.
+        progress: show a progress bar.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        source: Iterable[Tensor],
+        metadata: dict[str, Any] | None = None,
+        resume: str | Path | None = None,
+        progress: bool = True,
+    ):
+        self.cfg = cfg
+        self.batches = BatchStream(source)
+        self.metadata = metadata or {}
+        self.progress = progress
+        self.device = resolve_device(cfg.run.device)
+        self.out_dir = Path(cfg.run.out_dir)
+        self.step = 0
+        self.tokens = 0
+        self.scale = 1.0
+        self.data_position: Any = None
+        self.last: StepStats | None = None
+        state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
+        if state is None and ckpt.has_checkpoints(self.out_dir):
+            raise ckpt.CheckpointError(
+                f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} or pick another --out-dir"
+            )
+        d_in = int(state.info["d_in"]) if state else self._source_width(source)
+        cfg.check_width(d_in)
+        self.model = JumpReLUSAE(d_in, cfg.sae.width(d_in), cfg.sae.bandwidth, cfg.sae.backend).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            eps=cfg.optim.adam_eps,
+        )
+        self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
+        if state is not None:
+            self._restore(state)
+        else:
+            self._initialise()
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _source_width(self, source: Iterable[Tensor]) -> int:
+        d_in = getattr(source, "d_in", None)
+        return int(d_in) if d_in is not None else int(self.batches.peek(1)[0].shape[-1])
+
+    @torch.no_grad()
+    def _initialise(self) -> None:
+        """Fix the activation scale, then initialise the SAE (RECIPES 1, with the data-driven options)."""
+        cfg = self.cfg
+        x = torch.cat([b.to(self.device, torch.float32) for b in self.batches.peek(cfg.run.init_batches)])
+        if x.shape[-1] != self.model.d_in:
+            raise ValueError(f"batches have width {x.shape[-1]} but the source reports d_in={self.model.d_in}")
+        if cfg.run.scale_activations:
+            self.scale = float((self.model.d_in / x.pow(2).sum(-1).mean()).sqrt())
+        x = x * self.scale
+        generator = torch.Generator().manual_seed(cfg.run.seed)
+        self.model.init_tied(cfg.sae.threshold_init, generator)
+        if cfg.sae.b_dec_init == "mean":
+            self.model.b_dec.copy_(x.mean(0))
+        if cfg.sae.init_l0 is not None:
+            self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=_THRESHOLD_FLOOR)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "metrics.jsonl").write_text("")
+        (self.out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+
+    def _restore(self, state: ckpt.TrainingState) -> None:
+        info, tensors = state
+        saved = info["config"]
+        now = self.cfg.to_dict()
+        changed = [
+            f"--{k.replace('_', '-')} ({saved[s][k]!r} -> {now[s][k]!r})"
+            for s in _FROZEN_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]
+        ]
+        if saved.get("optim", {}).get("batch_size") != now["optim"]["batch_size"]:
+            changed.append("--batch-size")
+        if changed:
+            raise ckpt.CheckpointError(
+                "the checkpoint was trained with a different config; these settings cannot change on resume: "
+                + ", ".join(changed)
+            )
+        with torch.no_grad():
+            for name in PARAM_NAMES:
+                getattr(self.model, name).copy_(tensors[f"param.{name}"])
+        opt_state = {}
+        for i, name in enumerate(PARAM_NAMES):
+            keys = [k for k in tensors if k.startswith(f"optim.{name}.")]
+            opt_state[i] = {k.split(".", 2)[2]: tensors[k].to(self.device) for k in keys}
+            opt_state[i]["step"] = opt_state[i]["step"].cpu()
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
+        ckpt.restore_rng(tensors)
+        self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
+        self.data_position = info.get("data_position")
+        if self.data_position is not None:
+            self.batches.load_state_dict(self.data_position)
+        elif self.step > 0:
+            warnings.warn("the checkpoint has no data position: the batch source starts again from its beginning")
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics lines logged after the checkpoint, so the resumed run's log reads as one run."""
+        path = self.out_dir / "metrics.jsonl"
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    # -- one step ----------------------------------------------------------------------------------
+
+    def train_step(self, x: Tensor) -> StepStats:
+        """Forward, loss, backward, decoder-gradient projection, clipping, Adam, renormalisation."""
+        cfg, model = self.cfg, self.model
+        lr = lr_at(self.step, cfg.optim.lr, cfg.optim.lr_warmup_steps, cfg.run.steps, cfg.optim.lr_decay_fraction)
+        coefficient = sparsity_coefficient_at(
+            self.step, cfg.objective.l0_coefficient, cfg.objective.sparsity_warmup_steps
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = model(x)
+        loss = sae_loss(x, out.x_hat, out.l0, cfg.objective.sparsity, coefficient, cfg.objective.target_l0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        model.project_decoder_grad()
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            model.normalize_decoder()
+            model.threshold.clamp_(min=_THRESHOLD_FLOOR)
+            self._track_fires(out.indices, out.values)
+            ev = explained_variance(x, out.x_hat)
+        return StepStats(
+            loss.total.item(), loss.reconstruction.item(), loss.sparsity.item(), out.l0.mean().item(),
+            ev.item(), grad_norm.item(), lr, coefficient,
+        )
+
+    def _track_fires(self, indices: Tensor, values: Tensor) -> None:
+        self.tokens_since_fired += indices.shape[0]
+        self.tokens_since_fired[indices[values > 0]] = 0
+
+    def dead_window(self) -> int:
+        """The dead-latent window actually covered: the configured one, or all tokens so far if fewer."""
+        return min(self.cfg.run.dead_window_tokens, self.tokens)
+
+    def dead_fraction(self) -> float:
+        window = self.dead_window()
+        return float((self.tokens_since_fired >= window).float().mean()) if window > 0 else 0.0
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def fit(self) -> TrainSummary:
+        """Train until cfg.run.steps; checkpoint periodically, at the end and on Ctrl-C."""
+        cfg = self.cfg
+        bar = tqdm(total=cfg.run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
+        window: list[StepStats] = []
+        t0, tokens0 = time.perf_counter(), self.tokens
+        saved_step = self.step
+        try:
+            while self.step < cfg.run.steps:
+                x, position = self.batches.next()
+                x = x.to(self.device, torch.float32, non_blocking=True) * self.scale
+                stats = self.train_step(x)
+                self.step += 1
+                self.tokens += x.shape[0]
+                self.data_position, self.last = position, stats
+                window.append(stats)
+                done = self.step == cfg.run.steps
+                if self.step % cfg.run.log_every == 0 or done:
+                    now = time.perf_counter()
+                    tokens_per_s = (self.tokens - tokens0) / max(now - t0, 1e-9)
+                    self._log(window, tokens_per_s)
+                    bar.set_postfix(
+                        {"tok/s": f"{tokens_per_s:,.0f}", "loss": f"{stats.loss:.4g}", "L0": f"{stats.l0:.1f}",
+                         "EV": f"{stats.explained_variance:.3f}"}, refresh=False,
+                    )
+                    window, t0, tokens0 = [], now, self.tokens
+                bar.update(1)
+                if self.step % cfg.run.checkpoint_every == 0 or done:
+                    self.save_checkpoint()
+                    saved_step = self.step
+        except KeyboardInterrupt:
+            if self.step > saved_step:
+                path = self.save_checkpoint()
+                bar.write(f"interrupted at step {self.step}; saved {path}. Continue with --resume {self.out_dir}")
+            raise
+        finally:
+            bar.close()
+        return self.summary()
+
+    def _log(self, window: list[StepStats], tokens_per_s: float) -> None:
+        record: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
+        for name in StepStats._fields:
+            record[name] = sum(getattr(s, name) for s in window) / len(window)
+        record.update(
+            tokens_per_s=tokens_per_s, dead_fraction=self.dead_fraction(), dead_window_tokens=self.dead_window()
+        )
+        with open(self.out_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    # -- saving ------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        model = self.model
+        opt_tensors = {
+            f"optim.{name}.{key}": value
+            for name, p in zip(PARAM_NAMES, [getattr(model, n) for n in PARAM_NAMES])
+            for key, value in self.optimizer.state.get(p, {}).items()
+        }
+        state_tensors = {
+            **{f"param.{name}": getattr(model, name) for name in PARAM_NAMES},
+            **opt_tensors,
+            "tokens_since_fired": self.tokens_since_fired,
+            **ckpt.rng_state(),
+        }
+        state_info = {
+            "step": self.step, "tokens": self.tokens, "scale": self.scale, "d_in": model.d_in,
+            "d_sae": model.d_sae, "data_position": self.data_position, "config": self.cfg.to_dict(),
+        }
+        extra = {
+            "step": self.step, "tokens": self.tokens, "folded_activation_scale": self.scale,
+            "bandwidth": model.bandwidth, "sparsity": dataclasses.asdict(self.cfg.objective),
+        }
+        return ckpt.write_checkpoint(
+            self.out_dir / "checkpoints", self.step, model.export_raw(self.scale),
+            ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra), state_info, state_tensors,
+            self.cfg.run.keep_checkpoints,
+        )
+
+    def summary(self) -> TrainSummary:
+        last = self.last
+        return TrainSummary(
+            checkpoint=ckpt.find_checkpoint(self.out_dir),
+            step=self.step,
+            tokens=self.tokens,
+            l0=last.l0 if last else float("nan"),
+            explained_variance=last.explained_variance if last else float("nan"),
+            dead_fraction=self.dead_fraction(),
+            dead_window_tokens=self.dead_window(),
+        )

@@ -1,0 +1,251 @@
+"""Harvesting from a tiny random Gemma-2 saved to disk, so load_lm takes its real loading path."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from harvest import BufferConfig, DataConfig, Harvester, ModelConfig, load_lm
+from harvest.activations import keep_mask, layer_activations
+from harvest.errors import HarvestError
+from harvest.lm import decoder_layers, num_layers
+from harvest.text import TokenRows, load_texts
+
+N_LAYERS = 4
+WORDS = ("patient presents with acute chest pain radiating to the left arm fever cough dyspnea "
+         "history of diabetes hypertension fracture of femur unspecified sequela encounter").split()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tiny-gemma2")
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
+    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    config = Gemma2Config(
+        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.5,
+    )
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def text_file(tmp_path_factory) -> str:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "notes.jsonl"
+    # Lengths 1..40 words: some rows are truncated at context 16, some are mostly padding.
+    lines = [{"text": " ".join(rng.choices(WORDS, k=rng.randint(1, 40))), "id": i} for i in range(40)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, **buffer):
+    buffer_cfg = BufferConfig(**{"buffer_tokens": 64, "forward_batch_rows": 4, **buffer})
+    data_cfg = DataConfig(dataset=text_file, context_size=16, max_examples=12,
+                          exclude_special_tokens=exclude_special_tokens)
+    return Harvester(ModelConfig(model=tiny_model, layer=layer), data_cfg, buffer_cfg, batch_size=batch_size)
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def padded_batch(harvester, n_rows):
+    """The first n_rows token rows, right-padded, with their keep mask."""
+    rows = [row for row, _ in harvester.rows.take(n_rows)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    return ids, mask, keep_mask(ids, mask, harvester.tokenizer, True)
+
+
+def assert_drawn_from(harvested, reference):
+    """Check each harvested vector is one of the reference activations; return which one."""
+    exact = "donot_use_mm_for_euclid_dist"  # the matmul form loses ~1e-2 to cancellation at these norms
+    distance, source = torch.cdist(harvested, reference, compute_mode=exact).min(dim=1)
+    assert distance.max() < 1e-4 * reference.norm(dim=1).mean()
+    return source
+
+
+def test_load_lm(tiny_model):
+    model, tokenizer = load_lm(ModelConfig(model=tiny_model, layer=3))
+    assert model.config._attn_implementation == "eager"  # Gemma-2 soft-capping needs it
+    assert num_layers(model) == N_LAYERS and decoder_layers(model) is model.model.layers
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    assert tokenizer.bos_token_id == 2
+
+
+@pytest.mark.parametrize("layer", [0, 2, N_LAYERS - 1])
+def test_truncated_forward_matches_full_forward(tiny_model, text_file, layer):
+    h = make(tiny_model, text_file, layer=layer)
+    ids, mask, keep = padded_batch(h, 6)
+    assert (~mask.bool()).any(), "the batch should include padding"
+    captured = []
+    handle = h.model.model.layers[layer].register_forward_hook(lambda m, a, out: captured.append(out))
+    with torch.inference_mode():
+        h.model(input_ids=ids, attention_mask=mask)  # the whole CausalLM, LM head included
+    handle.remove()
+    full = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
+    later = [h.model.lm_head, h.model.model.norm, *h.model.model.layers[layer + 1:]]
+    ran = []
+    handles = [module.register_forward_hook(lambda m, a, out: ran.append(m)) for module in later]
+    truncated = layer_activations(h.model, layer, ids, mask)
+    for handle in handles:
+        handle.remove()
+    assert not ran, "nothing after the hooked layer may run"
+    assert truncated.shape == (6, ids.shape[1], 32)
+    torch.testing.assert_close(truncated[keep], full[keep], rtol=1e-6, atol=1e-6 * full[keep].abs().max().item())
+
+
+def test_no_special_positions_harvested(tiny_model, text_file):
+    h = make(tiny_model, text_file)
+    ids, mask, keep = padded_batch(h, 12)
+    # Our rows hold one special token, the BOS at position 0 (no EOS is appended), then text, then padding.
+    assert torch.equal(keep, mask.bool() & (torch.arange(ids.shape[1]) > 0))
+    assert torch.equal(keep_mask(ids, mask, h.tokenizer, exclude_special_tokens=False), mask.bool())
+    # Position 0 always holds BOS, so every row shares one BOS activation: find it among the batches.
+    bos = layer_activations(h.model, 2, ids[:1, :1], mask[:1, :1])[0, 0]
+
+    def bos_count(harvester):
+        batches = torch.cat(take(iter(harvester), 8))
+        return int(torch.isclose(batches, bos, rtol=1e-5, atol=1e-6).all(dim=1).sum())
+
+    assert bos_count(h) == 0
+    assert bos_count(make(tiny_model, text_file, exclude_special_tokens=False)) > 0  # the Salmon setup keeps it
+
+
+def test_batches_are_shuffled_activations_of_the_text(tiny_model, text_file):
+    h = make(tiny_model, text_file, buffer_tokens=48)
+    ids, mask, keep = padded_batch(h, 12)
+    reference = layer_activations(h.model, 2, ids, mask)[keep]  # document order
+    first, second = take(iter(h), 2)
+    assert first.dtype == torch.float32 and first.shape == (16, h.d_in)
+    source = assert_drawn_from(torch.cat([first, second]), reference)
+    assert source.unique().numel() == 32  # drawn without replacement
+    assert not torch.equal(source[:16], source[:16].sort().values)  # not in document order
+    assert not torch.equal(first, reference[:16])
+
+
+def test_fills_read_consecutive_rows(tiny_model, text_file):
+    h = make(tiny_model, text_file)  # 64 tokens a fill
+    rows = h.rows.take(12)
+    special = set(h.tokenizer.all_special_ids)
+    kept = torch.tensor([sum(t not in special for t in row) for row, _ in rows]).cumsum(0)
+    last = int((kept < 64).sum())  # the row that completes the first fill
+    iterator = iter(h)
+    take(iterator, 4)
+    assert h.state_dict()["fill_start"] == rows[last][1]  # fill 1 starts right after that row
+    fill1 = take(iterator, 4)
+    h.rows.seek(rows[last][1])
+    ids, mask, keep = padded_batch(h, 6)
+    reference = layer_activations(h.model, 2, ids, mask)[keep]
+    assert_drawn_from(torch.cat(fill1), reference)  # fill 1 is harvested from the rows after fill 0
+
+
+@pytest.mark.parametrize("passes,stop", [(1, 3), (1, 4), (1, 11), (2, 5), (2, 8), (2, 13)])
+def test_resume_continues_the_identical_stream(tiny_model, text_file, passes, stop):
+    # 4 batches per fill; 12 examples of at most 15 kept tokens each, so an epoch ends inside the third fill.
+    total = 20 if passes == 2 else 14
+    reference = take(iter(make(tiny_model, text_file, passes=passes)), total)
+    h = make(tiny_model, text_file, passes=passes)
+    first = take(iter(h), stop)
+    assert all(torch.equal(a, b) for a, b in zip(first, reference))
+    state = json.loads(json.dumps(h.state_dict()))
+    resumed = make(tiny_model, text_file, passes=passes)
+    resumed.load_state_dict(state)
+    rest = take(iter(resumed), total - stop)
+    assert all(torch.equal(a, b) for a, b in zip(rest, reference[stop:]))
+    assert not torch.equal(reference[0], reference[4])  # a new fill, or a new permutation of the same one
+
+
+def test_token_rows_epochs_and_position(tiny_model, text_file):
+    _, tokenizer = load_lm(ModelConfig(model=tiny_model, layer=0))
+    texts = load_texts(DataConfig(dataset=text_file))
+    rows = TokenRows(texts, tokenizer, context_size=16, data_seed=1, max_examples=5)
+    epoch0, epoch1 = rows.take(5), rows.take(5)
+    assert all(row[0] == 2 and 2 not in row[1:] and len(row) <= 16 for row, _ in epoch0 + epoch1)
+    assert epoch0[-1][1] == {"epoch": 1, "index": 0}
+    assert sorted(r for r, _ in epoch0) == sorted(r for r, _ in epoch1)  # the same 5 examples ...
+    assert [r for r, _ in epoch0] != [r for r, _ in epoch1]  # ... in a new order
+    again = TokenRows(texts, tokenizer, context_size=16, data_seed=1, max_examples=5)
+    again.seek(epoch0[2][1])
+    assert again.take(7) == epoch0[3:] + epoch1
+
+
+def test_metadata(tiny_model, text_file):
+    h = make(tiny_model, text_file, layer=3)
+    assert h.d_in == 32
+    assert h.metadata() == {
+        "model_name": tiny_model, "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "context_size": 16,
+        "prepend_bos": True, "dataset_path": text_file, "exclude_special_tokens": True,
+    }
+
+
+def test_layer_out_of_range(tiny_model):
+    with pytest.raises(HarvestError, match=f"has {N_LAYERS} decoder layers"):
+        load_lm(ModelConfig(model=tiny_model, layer=N_LAYERS))
+
+
+def test_unknown_model_fails_fast_offline(tmp_path):
+    with pytest.raises(HarvestError, match="offline"):
+        load_lm(ModelConfig(model="no-such-org/no-such-model"))
+    with pytest.raises(HarvestError, match="no loadable config.json"):
+        load_lm(ModelConfig(model=str(tmp_path)))
+
+
+def test_missing_text_field_lists_columns(text_file):
+    with pytest.raises(HarvestError, match=r"available columns: \['text', 'id'\]"):
+        load_texts(DataConfig(dataset=text_file, text_field="body"))
+
+
+def test_unknown_dataset(tmp_path):
+    with pytest.raises(HarvestError, match="offline"):
+        load_texts(DataConfig(dataset="no-such-org/no-such-dataset"))
+    with pytest.raises(HarvestError, match="matches no file"):
+        load_texts(DataConfig(dataset=str(tmp_path / "missing.jsonl")))
+
+
+def test_buffer_too_small(tiny_model, text_file):
+    with pytest.raises(HarvestError, match="buffer too small for one batch"):
+        make(tiny_model, text_file, buffer_tokens=8, batch_size=16)
+
+
+def test_config_validation():
+    with pytest.raises(HarvestError, match="model_dtype"):
+        ModelConfig(model_dtype="fp8")
+    with pytest.raises(HarvestError, match="model_device"):
+        ModelConfig(model_device="gpu")
+    with pytest.raises(HarvestError, match="context_size"):
+        DataConfig(context_size=1)
+    with pytest.raises(HarvestError, match="passes"):
+        BufferConfig(passes=0)
+
+
+def test_offline_default_cache_is_written_atomically(tmp_path, monkeypatch):
+    from harvest import offline_model
+
+    monkeypatch.setenv("SAEKIT_CACHE", str(tmp_path))
+
+    def crash(out):
+        (out / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(offline_model, "_convert", crash)
+    with pytest.raises(KeyboardInterrupt):
+        offline_model.offline_default_dir()
+    assert list(tmp_path.iterdir()) == []  # neither a half cache nor a leftover temporary directory
+    monkeypatch.setattr(offline_model, "_convert", lambda out: (out / "config.json").write_text("{}"))
+    target = offline_model.offline_default_dir()
+    assert target.parent == tmp_path and (target / "config.json").is_file()
+    assert list(tmp_path.iterdir()) == [target]
