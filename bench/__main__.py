@@ -14,7 +14,7 @@ import sys
 import torch
 
 from bench.step import time_reference_step
-from sae.trainer import resolve_device
+from harvest.lm import resolve_device
 
 SIZES = {  # name: (batch, d_in, d_sae)
     "offline-default": (1024, 640, 2560),

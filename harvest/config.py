@@ -27,7 +27,7 @@ class ModelConfig:
     """Decoder layer whose output (the residual stream, Gemma Scope "layer_L") is captured; 0-based."""
     model_dtype: str = "float32"
     """Dtype the language model computes in: float32, bfloat16 or float16."""
-    model_device: str = "cpu"
+    model_device: str = "auto"
     """Device of the language model's forward: cpu, cuda, cuda:N, or auto (cuda when available)."""
 
     def __post_init__(self):
@@ -78,7 +78,7 @@ class BufferConfig:
     """Activations held in the in-memory shuffle buffer (memory: buffer_tokens * d_in * bytes of model_dtype)."""
     forward_batch_rows: int = 16
     """Rows (sequences) per language-model forward."""
-    passes: int = 1
+    passes: int = 2
     """Shuffled passes over each buffer fill before refilling; more than 1 reuses activations (small CPU runs)."""
 
     def __post_init__(self):

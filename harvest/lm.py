@@ -11,10 +11,13 @@ from .hub import hub_offline
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" means CUDA when one is available, else the CPU."""
+    """"auto" means CUDA when one is available, else the CPU; asking for CUDA without one is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise HarvestError(f"device {device!r} was requested but CUDA is not available here; use cpu or auto")
+    return resolved
 
 
 def load_lm(cfg: ModelConfig) -> tuple[nn.Module, object]:

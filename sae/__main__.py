@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> int:
     from harvest import Harvester
     from sae import checkpoint as ckpt
-    from sae.trainer import Trainer, resolve_device
+    from harvest.lm import resolve_device
+    from sae.trainer import Trainer
 
     overrides = given_flags(args, TrainConfig)
     base = None
@@ -48,7 +49,10 @@ def train(args: argparse.Namespace) -> int:
     cfg = build_config(TrainConfig, overrides, base)
     device = resolve_device(cfg.run.device)
     print(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")
-    source = Harvester(cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, device=str(device))
+    source = Harvester(
+        cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, device=str(device),
+        progress=not args.no_progress,
+    )
     trainer = Trainer(cfg, source, metadata=source.metadata(), resume=args.resume, progress=not args.no_progress)
     print(
         f"SAE d_in={trainer.model.d_in} d_sae={trainer.model.d_sae}, {cfg.objective.sparsity} objective, "
@@ -62,8 +66,8 @@ def train(args: argparse.Namespace) -> int:
     print(
         f"\ndone: {summary.step} steps, {summary.tokens:,} tokens\n"
         f"  checkpoint          {summary.checkpoint}\n"
-        f"  L0 (last batch)     {summary.l0:.1f}\n"
-        f"  explained variance  {summary.explained_variance:.3f} (last batch, about the mean)\n"
+        f"  L0                  {summary.l0:.1f} (mean over the last {cfg.run.log_every} steps)\n"
+        f"  explained variance  {summary.explained_variance:.3f} (same steps; variance about the mean)\n"
         f"  dead latents        {summary.dead_fraction:.1%} (no fire in the last {summary.dead_window_tokens:,} tokens)\n"
         f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
     )

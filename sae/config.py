@@ -118,7 +118,7 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
-    steps: int = 300
+    steps: int = 256
     """Training steps; tokens trained on = steps * batch_size."""
     out_dir: str = "runs/default"
     """Run folder: metrics.jsonl, run_config.json and checkpoints/ land here."""

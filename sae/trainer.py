@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from harvest.lm import resolve_device
 from sae import checkpoint as ckpt
 from sae.batches import BatchStream
 from sae.config import TrainConfig
@@ -50,15 +51,6 @@ class TrainSummary(NamedTuple):
     explained_variance: float
     dead_fraction: float
     dead_window_tokens: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} was requested but CUDA is not available here; use --device cpu")
-    return device
 
 
 def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -98,7 +90,7 @@ class Trainer:
         self.tokens = 0
         self.scale = 1.0
         self.data_position: Any = None
-        self.last: StepStats | None = None
+        self.last_logged: dict[str, Any] = {}
         state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
         if state is None and ckpt.has_checkpoints(self.out_dir):
             raise ckpt.CheckpointError(
@@ -241,7 +233,7 @@ class Trainer:
                 stats = self.train_step(x)
                 self.step += 1
                 self.tokens += x.shape[0]
-                self.data_position, self.last = position, stats
+                self.data_position = position
                 window.append(stats)
                 done = self.step == cfg.run.steps
                 if self.step % cfg.run.log_every == 0 or done:
@@ -275,6 +267,7 @@ class Trainer:
         )
         with open(self.out_dir / "metrics.jsonl", "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.last_logged = record
 
     # -- saving ------------------------------------------------------------------------------------
 
@@ -306,13 +299,14 @@ class Trainer:
         )
 
     def summary(self) -> TrainSummary:
-        last = self.last
+        """The run so far; L0 and explained variance are means over the last log interval."""
+        last = self.last_logged
         return TrainSummary(
             checkpoint=ckpt.find_checkpoint(self.out_dir),
             step=self.step,
             tokens=self.tokens,
-            l0=last.l0 if last else float("nan"),
-            explained_variance=last.explained_variance if last else float("nan"),
+            l0=last.get("l0", float("nan")),
+            explained_variance=last.get("explained_variance", float("nan")),
             dead_fraction=self.dead_fraction(),
             dead_window_tokens=self.dead_window(),
         )

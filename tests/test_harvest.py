@@ -51,7 +51,7 @@ def text_file(tmp_path_factory) -> str:
 
 
 def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, **buffer):
-    buffer_cfg = BufferConfig(**{"buffer_tokens": 64, "forward_batch_rows": 4, **buffer})
+    buffer_cfg = BufferConfig(**{"buffer_tokens": 64, "forward_batch_rows": 4, "passes": 1, **buffer})
     data_cfg = DataConfig(dataset=text_file, context_size=16, max_examples=12,
                           exclude_special_tokens=exclude_special_tokens)
     return Harvester(ModelConfig(model=tiny_model, layer=layer), data_cfg, buffer_cfg, batch_size=batch_size)
