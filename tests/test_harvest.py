@@ -1,7 +1,6 @@
 """Harvesting from a tiny random Gemma-2 saved to disk, so load_lm takes its real loading path."""
 
 import json
-import random
 
 import pytest
 import torch
@@ -12,42 +11,7 @@ from harvest.errors import HarvestError
 from harvest.lm import decoder_layers, num_layers
 from harvest.text import TokenRows, load_texts
 
-N_LAYERS = 4
-WORDS = ("patient presents with acute chest pain radiating to the left arm fever cough dyspnea "
-         "history of diabetes hypertension fracture of femur unspecified sequela encounter").split()
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import Gemma2Config, Gemma2ForCausalLM, PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tiny-gemma2")
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    bpe.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
-    config = Gemma2Config(
-        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.5,
-    )
-    torch.manual_seed(0)
-    Gemma2ForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="session")
-def text_file(tmp_path_factory) -> str:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "notes.jsonl"
-    # Lengths 1..40 words: some rows are truncated at context 16, some are mostly padding.
-    lines = [{"text": " ".join(rng.choices(WORDS, k=rng.randint(1, 40))), "id": i} for i in range(40)]
-    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    return str(path)
+from tests.conftest import N_LAYERS
 
 
 def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, **buffer):

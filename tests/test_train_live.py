@@ -1,0 +1,105 @@
+"""Training from a live (tiny, random) Gemma-2 through the real harvester and the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from harvest import BufferConfig, DataConfig, Harvester, ModelConfig
+from sae.__main__ import main
+from sae.config import ObjectiveConfig, OptimConfig, RunConfig, SAEConfig, TrainConfig
+from sae.trainer import Trainer
+
+
+def live_config(tiny_model: str, text_file: str, out_dir) -> TrainConfig:
+    return TrainConfig(
+        model=ModelConfig(model=tiny_model, layer=2, model_device="cpu"),
+        data=DataConfig(dataset=text_file, context_size=16),
+        buffer=BufferConfig(buffer_tokens=96, forward_batch_rows=4, passes=2),
+        sae=SAEConfig(d_sae=64, init_l0=16.0),
+        objective=ObjectiveConfig(target_l0=8.0, sparsity_warmup_steps=3),
+        optim=OptimConfig(lr=3e-3, lr_warmup_steps=2, batch_size=32),
+        run=RunConfig(steps=16, out_dir=str(out_dir), device="cpu", log_every=1, checkpoint_every=5, init_batches=2),
+    )
+
+
+def harvester(cfg: TrainConfig) -> Harvester:
+    return Harvester(cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, progress=False)
+
+
+def losses(out_dir) -> list[tuple[int, float, float]]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["l0"]) for r in rows]
+
+
+def test_live_run_interrupted_and_resumed_reproduces_the_losses(tiny_model, text_file, tmp_path):
+    cfg = live_config(tiny_model, text_file, tmp_path / "full")
+    Trainer(cfg, harvester(cfg), progress=False).fit()
+
+    cfg_b = live_config(tiny_model, text_file, tmp_path / "broken")
+    broken = Trainer(cfg_b, harvester(cfg_b), progress=False)
+    real_step = broken.train_step
+
+    def crash(x):
+        if broken.step == 12:  # after the checkpoint at step 10, inside the second buffer fill
+            raise KeyboardInterrupt
+        return real_step(x)
+
+    broken.train_step = crash
+    with pytest.raises(KeyboardInterrupt):
+        broken.fit()
+    resumed = Trainer(cfg_b, harvester(cfg_b), progress=False, resume=tmp_path / "broken")
+    resumed.fit()
+    assert losses(tmp_path / "broken") == losses(tmp_path / "full")
+
+
+def test_cli_trains_and_writes_a_loadable_checkpoint(tiny_model, text_file, tmp_path, capsys):
+    out = tmp_path / "cli"
+    args = ["train", "--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
+            "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
+            "--init-l0", "16", "--target-l0", "8", "--steps", "6", "--log-every", "2", "--out-dir", str(out),
+            "--device", "cpu", "--no-progress"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "checkpoint" in text and "explained variance" in text and "dead latents" in text
+    folder = out / "checkpoints" / "step_000000006"
+    weights = load_file(str(folder / "sae_weights.safetensors"))
+    cfg = json.loads((folder / "cfg.json").read_text())
+    assert cfg["d_in"] == 32 and cfg["d_sae"] == 64 and weights["W_enc"].shape == (32, 64)
+    assert cfg["metadata"]["hook_name"] == "blocks.2.hook_resid_post"
+    assert cfg["metadata"]["exclude_special_tokens"] is True
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # Continuing for more steps picks up at step 6.
+    assert main(["train", "--resume", str(out), "--steps", "8", "--no-progress"]) == 0
+    assert (out / "checkpoints" / "step_000000008").is_dir()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--layer", "9"], "out of range"),
+        (["--model", "no-such-org/no-such-model"], "cannot load model"),
+        (["--dataset", "no-such-org/no-such-dataset"], "cannot load dataset"),
+        (["--text-field", "body"], "available columns"),
+        (["--d-sae", "8", "--target-l0", "8"], "target-l0"),
+        (["--buffer-tokens", "16"], "buffer too small"),
+    ],
+)
+def test_cli_bad_input_is_named_before_any_training(tiny_model, text_file, tmp_path, capsys, extra, message):
+    base = ["train", "--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
+            "--context-size", "16", "--batch-size", "32", "--buffer-tokens", "96", "--out-dir", str(tmp_path / "r"),
+            "--device", "cpu", "--no-progress", "--init-l0", "none"]
+    assert main(base + extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_cli_refuses_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
+    folder = tmp_path / "run" / "checkpoints" / "step_000000005"
+    folder.mkdir(parents=True)
+    (folder / "training_state.json").write_text("{truncated")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert "corrupt" in capsys.readouterr().err
