@@ -13,13 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harvest.config import BufferConfig, DataConfig, ModelConfig
+from sae.errors import ConfigError
+from sae.ops import BACKENDS
 
-BACKENDS = ("reference",)
 SPARSITY_OBJECTIVES = ("l0", "target_l0")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot work; the message says what to change."""
 
 
 @dataclass
@@ -38,8 +35,9 @@ class SAEConfig:
     (RECIPES section 7: from theta = 0.001 a short run cannot reach a small L0)."""
     b_dec_init: str = "mean"
     """Decoder bias init: "zeros" (RECIPES) or "mean" of the first batches (halved delta CE in RECIPES 7)."""
-    backend: str = "reference"
-    """Implementation of the SAE forward/backward: "reference" (plain PyTorch)."""
+    backend: str = "auto"
+    """SAE forward/backward: "triton" (fused sparse kernels, CUDA), "reference" (dense PyTorch), or "auto"
+    (triton on CUDA, reference elsewhere)."""
 
     def __post_init__(self) -> None:
         if self.d_sae is not None and self.d_sae < 1:

@@ -25,10 +25,13 @@ from sae.batches import BatchStream
 from sae.config import TrainConfig
 from sae.model import PARAM_NAMES, JumpReLUSAE
 from sae.objectives import sae_loss
+from sae.ops import resolve_backend
 from sae.schedule import lr_at, sparsity_coefficient_at
 
-# Sections that fix the data stream or the SAE's shape: a resumed run must keep them.
+# Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
+# computation runs (a CPU run may continue on a GPU).
 _FROZEN_SECTIONS = ("model", "data", "buffer", "sae")
+_MOVABLE_FIELDS = ("model_device", "backend")
 _THRESHOLD_FLOOR = 1e-6  # keeps theta > 0 (RECIPES: thresholds are positive)
 
 
@@ -98,7 +101,8 @@ class Trainer:
             )
         d_in = int(state.info["d_in"]) if state else self._source_width(source)
         cfg.check_width(d_in)
-        self.model = JumpReLUSAE(d_in, cfg.sae.width(d_in), cfg.sae.bandwidth, cfg.sae.backend).to(self.device)
+        backend = resolve_backend(cfg.sae.backend, self.device)
+        self.model = JumpReLUSAE(d_in, cfg.sae.width(d_in), cfg.sae.bandwidth, backend).to(self.device)
         self.optimizer = torch.optim.Adam(
             self.model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
@@ -141,7 +145,8 @@ class Trainer:
         now = self.cfg.to_dict()
         changed = [
             f"--{k.replace('_', '-')} ({saved[s][k]!r} -> {now[s][k]!r})"
-            for s in _FROZEN_SECTIONS for k in now[s] if saved.get(s, {}).get(k) != now[s][k]
+            for s in _FROZEN_SECTIONS for k in now[s]
+            if k not in _MOVABLE_FIELDS and saved.get(s, {}).get(k) != now[s][k]
         ]
         if saved.get("optim", {}).get("batch_size") != now["optim"]["batch_size"]:
             changed.append("--batch-size")
