@@ -97,14 +97,15 @@ class Trainer:
         state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
         if state is None and ckpt.has_checkpoints(self.out_dir):
             raise ckpt.CheckpointError(
-                f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} or pick another --out-dir"
+                f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} "
+                "or pick another --out-dir"
             )
         d_in = int(state.info["d_in"]) if state else self._source_width(source)
         cfg.check_width(d_in)
         backend = resolve_backend(cfg.sae.backend, self.device)
         self.model = JumpReLUSAE(d_in, cfg.sae.width(d_in), cfg.sae.bandwidth, backend).to(self.device)
         self.optimizer = torch.optim.Adam(
-            self.model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
+            [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
         )
         self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
@@ -159,11 +160,13 @@ class Trainer:
             for name in PARAM_NAMES:
                 getattr(self.model, name).copy_(tensors[f"param.{name}"])
         opt_state = {}
-        for i, name in enumerate(PARAM_NAMES):
-            keys = [k for k in tensors if k.startswith(f"optim.{name}.")]
-            opt_state[i] = {k.split(".", 2)[2]: tensors[k].to(self.device) for k in keys}
-            opt_state[i]["step"] = opt_state[i]["step"].cpu()
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": self.optimizer.state_dict()["param_groups"]})
+        for i, name in enumerate(PARAM_NAMES):  # the optimizer holds the parameters in PARAM_NAMES order
+            prefix = f"optim.{name}."
+            moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if moments:
+                opt_state[i] = {k: v if k == "step" else v.to(self.device) for k, v in moments.items()}
+        groups = self.optimizer.state_dict()["param_groups"]
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         ckpt.restore_rng(tensors)
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
@@ -172,6 +175,8 @@ class Trainer:
             self.batches.load_state_dict(self.data_position)
         elif self.step > 0:
             warnings.warn("the checkpoint has no data position: the batch source starts again from its beginning")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         self._truncate_metrics()
 
     def _truncate_metrics(self) -> None:
@@ -280,8 +285,8 @@ class Trainer:
         model = self.model
         opt_tensors = {
             f"optim.{name}.{key}": value
-            for name, p in zip(PARAM_NAMES, [getattr(model, n) for n in PARAM_NAMES])
-            for key, value in self.optimizer.state.get(p, {}).items()
+            for name in PARAM_NAMES
+            for key, value in self.optimizer.state.get(getattr(model, name), {}).items()
         }
         state_tensors = {
             **{f"param.{name}": getattr(model, name) for name in PARAM_NAMES},

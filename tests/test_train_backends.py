@@ -8,10 +8,10 @@ import pytest
 
 from sae.config import ConfigError
 from sae.ops import resolve_backend
+from sae.trainer import Trainer
 from tests.synthetic import SyntheticActivations
 from tests.test_kernels_common import INTERPRET
 from tests.test_training import small_config
-from sae.trainer import Trainer
 
 
 def run(tmp_path, backend: str, steps: int = 8) -> list[dict]:
