@@ -18,9 +18,10 @@ The result equals `torch.optim.Adam(params, lr, betas=(0.0, beta2), eps)` (singl
     param.addcdiv_(exp_avg, denom, value=-step_size)
 
 and `LazyAdam` runs the same operations, in the same order and dtype, on the touched slices, with
-`mul_(beta2)` replaced by `mul_(beta2**(k + 1))` (the factor rounded once to the parameter's dtype). For a
-latent touched on consecutive steps (k = 0) the result is bit-identical to torch's; otherwise it differs only
-by the rounding of one multiplication by beta2**(k+1) against k+1 repeated ones. An untouched latent's
+`mul_(beta2)` replaced by `mul_(beta2**(k + 1))` for a latent last touched k steps ago (the factor rounded
+once to the parameter's dtype; for k = 0 it is the same rounded beta2). A latent touched on every step so far
+therefore goes through torch's exact operations (bit-identical in the tests); otherwise the result differs
+only by the rounding of one multiplication by beta2**(k+1) against k+1 repeated ones. An untouched latent's
 parameter entries are never written, and in torch they receive an update of exactly -0.0, so they agree
 bit for bit.
 
@@ -69,7 +70,9 @@ class LazyAdam:
         opt.add("b_enc", sae.b_enc, latent_dim=0)
         opt.add("threshold", sae.threshold, latent_dim=0)
         opt.add("b_dec", sae.b_dec, latent_dim=None)
-        opt.step({"W_enc": g_enc[:, touched], ...}, touched, lr=lr_at(step))
+        # Compact gradients from the backward: dW_enc [D, T], dW_dec [T, D], db_enc and dthreshold [T].
+        opt.step({"W_enc": dW_enc, "W_dec": dW_dec, "b_enc": db_enc, "threshold": dthreshold,
+                  "b_dec": db_dec}, touched, lr=lr_at(step))
 
     Args:
         num_latents: F, the size of every latent parameter along its `latent_dim`.
@@ -92,7 +95,7 @@ class LazyAdam:
         self.validate = validate
         self._slots: dict[str, _Slot] = {}
         self._step = 0
-        # Step after which each latent's second moments are up to date; created on the first latent `add`.
+        # [F] int64: the step up to which each latent's second moments have been decayed (made by `add`).
         self._last_step: Tensor | None = None
 
     @property
@@ -112,6 +115,8 @@ class LazyAdam:
             raise ValueError(f"a parameter named {name!r} is already registered")
         if not param.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor; got {param.dtype}")
+        if self._slots and param.device != next(iter(self._slots.values())).param.device:
+            raise ValueError(f"{name} is on {param.device}; all parameters must share one device")
         if latent_dim is not None:
             if not 0 <= latent_dim < param.dim():
                 raise ValueError(f"{name} has {param.dim()} dims; latent_dim {latent_dim} is out of range")
@@ -122,8 +127,6 @@ class LazyAdam:
                 )
             if self._last_step is None:
                 self._last_step = torch.zeros(self.num_latents, dtype=torch.int64, device=param.device)
-        if self._slots and param.device != next(iter(self._slots.values())).param.device:
-            raise ValueError(f"{name} is on {param.device}; all parameters must share one device")
         self._slots[name] = _Slot(param, torch.zeros_like(param, memory_format=torch.preserve_format), latent_dim)
 
     @torch.no_grad()
@@ -140,31 +143,34 @@ class LazyAdam:
         lrs = self._check(grads, touched, lr)
         t = self._step + 1
         bias_correction2_sqrt = (1.0 - self.beta2**t) ** 0.5
-        if self._last_step is not None:
-            # beta2 ** (pending decays + this step's), in fp64, rounded once per parameter dtype below.
-            decay = torch.tensor(self.beta2, dtype=torch.float64, device=touched.device).pow(
-                t - self._last_step[touched]
-            )
-            self._last_step[touched] = t
-        decays: dict[torch.dtype, Tensor] = {}
+        # [T] beta2 ** (pending decays + this step's), in fp64; rounded once to each parameter's dtype below.
+        decay = self._decay_since_last_touch(t, touched)
         for name, slot in self._slots.items():
             grad = grads[name]
             if slot.latent_dim is None:
                 _adam_update(slot.param, slot.exp_avg_sq, grad, self.beta2, self.beta2,
                              bias_correction2_sqrt, self.eps, lrs[name])
                 continue
-            dim, dtype = slot.latent_dim, slot.param.dtype
-            if dtype not in decays:
-                decays[dtype] = decay.to(dtype)
+            dim = slot.latent_dim
             shape = [1] * slot.param.dim()
             shape[dim] = -1
+            # Gather the touched slices (T/F of the bytes), update them in place, scatter them back.
             param = slot.param.index_select(dim, touched)
             exp_avg_sq = slot.exp_avg_sq.index_select(dim, touched)
-            _adam_update(param, exp_avg_sq, grad, decays[dtype].view(shape), self.beta2,
+            _adam_update(param, exp_avg_sq, grad, decay.to(slot.param.dtype).view(shape), self.beta2,
                          bias_correction2_sqrt, self.eps, lrs[name])
             slot.param.index_copy_(dim, touched, param)
             slot.exp_avg_sq.index_copy_(dim, touched, exp_avg_sq)
+        if self._last_step is not None:
+            self._last_step[touched] = t
         self._step = t
+
+    def _decay_since_last_touch(self, t: int, latents: Tensor | None = None) -> Tensor:
+        """[T] fp64 beta2 ** (t - last step at which each latent was brought up to date); all latents if None."""
+        if self._last_step is None:
+            return torch.ones(0, dtype=torch.float64)
+        last = self._last_step if latents is None else self._last_step[latents]
+        return torch.tensor(self.beta2, dtype=torch.float64, device=last.device).pow(t - last)
 
     @torch.no_grad()
     def finalize(self) -> None:
@@ -175,9 +181,7 @@ class LazyAdam:
         """
         if self._last_step is None:
             return
-        decay = torch.tensor(self.beta2, dtype=torch.float64, device=self._last_step.device).pow(
-            self._step - self._last_step
-        )
+        decay = self._decay_since_last_touch(self._step)
         for slot in self._slots.values():
             if slot.latent_dim is not None:
                 shape = [1] * slot.param.dim()
