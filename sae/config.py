@@ -9,6 +9,7 @@ flags of the Gemma Scope and Salmon recipes.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +71,9 @@ class ObjectiveConfig:
     """Target mean L0 of the target_l0 objective."""
     sparsity_warmup_steps: int = 100
     """lambda rises linearly from 0 over this many steps (Gemma Scope 10k, Salmon 5k)."""
+    tilt: float = 0.0
+    """TERM tilt t of the reconstruction term (1/t) log mean exp(t * per-token error): 0 = the plain mean;
+    larger t up-weights badly reconstructed tokens (Specialized SAEs used 500 and 1e9)."""
 
     def __post_init__(self) -> None:
         if self.sparsity not in SPARSITY_OBJECTIVES:
@@ -78,6 +82,8 @@ class ObjectiveConfig:
             raise ConfigError(f"--l0-coefficient must be >= 0; got {self.l0_coefficient}")
         if not self.target_l0 > 0:
             raise ConfigError(f"--target-l0 must be > 0; got {self.target_l0}")
+        if not (self.tilt >= 0 and math.isfinite(self.tilt)):
+            raise ConfigError(f"--tilt must be a finite number >= 0 (0 = plain mean); got {self.tilt}")
         if self.sparsity_warmup_steps < 0:
             raise ConfigError(f"--sparsity-warmup-steps must be >= 0; got {self.sparsity_warmup_steps}")
 

@@ -1,21 +1,37 @@
-"""Training objectives: reconstruction error plus one of the two JumpReLU sparsity terms (RECIPES 1)."""
+"""Training objectives: a reconstruction term (mean, or tilted with TERM) plus one of the two JumpReLU
+sparsity terms (RECIPES sections 1 and 2)."""
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
+import torch
 from torch import Tensor
 
 
 class Loss(NamedTuple):
     total: Tensor  # scalar, what is differentiated
-    reconstruction: Tensor  # scalar, ||x - x_hat||^2 summed over D, mean over B
+    reconstruction: Tensor  # scalar, the reconstruction term as optimised (tilted when tilt != 0)
+    mse: Tensor  # scalar, ||x - x_hat||^2 summed over D, plain mean over B (comparable across tilts)
     sparsity: Tensor  # scalar, coefficient already applied
 
 
-def reconstruction_loss(x: Tensor, x_hat: Tensor) -> Tensor:
-    """||x - x_hat||^2 summed over d_in, averaged over the batch."""
-    return (x - x_hat).pow(2).sum(dim=-1).mean()
+def per_token_error(x: Tensor, x_hat: Tensor) -> Tensor:
+    """||x - x_hat||^2 summed over d_in: [B]."""
+    return (x - x_hat).pow(2).sum(dim=-1)
+
+
+def tilted_mean(losses: Tensor, tilt: float) -> Tensor:
+    """TERM, the tilted empirical risk (1/t) log((1/N) sum_i exp(t * l_i)) of per-token losses [N].
+
+    t = 0 is the ordinary mean; t -> inf approaches the max, up-weighting badly reconstructed tokens. Computed
+    with logsumexp, so no exp overflows even at t = 1e9: it equals max(l) + (log sum exp(t (l - max)) - log N)/t.
+    Its gradient w.r.t. l_i is softmax(t * l)_i, the tilted weights.
+    """
+    if tilt == 0:
+        return losses.mean()
+    return (torch.logsumexp(losses * tilt, dim=0) - math.log(losses.numel())) / tilt
 
 
 def sparsity_loss(l0: Tensor, kind: str, coefficient: float, target_l0: float) -> Tensor:
@@ -32,7 +48,11 @@ def sparsity_loss(l0: Tensor, kind: str, coefficient: float, target_l0: float) -
     raise ValueError(f"unknown sparsity objective {kind!r}; use 'l0' or 'target_l0'")
 
 
-def sae_loss(x: Tensor, x_hat: Tensor, l0: Tensor, kind: str, coefficient: float, target_l0: float) -> Loss:
-    rec = reconstruction_loss(x, x_hat)
+def sae_loss(
+    x: Tensor, x_hat: Tensor, l0: Tensor, kind: str, coefficient: float, target_l0: float, tilt: float = 0.0
+) -> Loss:
+    errors = per_token_error(x, x_hat)
+    mse = errors.mean()
+    rec = mse if tilt == 0 else tilted_mean(errors, tilt)
     sp = sparsity_loss(l0, kind, coefficient, target_l0)
-    return Loss(rec + sp, rec, sp)
+    return Loss(rec + sp, rec, mse.detach(), sp)

@@ -37,7 +37,8 @@ _THRESHOLD_FLOOR = 1e-6  # keeps theta > 0 (RECIPES: thresholds are positive)
 
 class StepStats(NamedTuple):
     loss: float
-    reconstruction: float
+    reconstruction: float  # as optimised: tilted when --tilt > 0
+    mse: float  # plain mean squared error summed over d_in, comparable across tilts
     sparsity: float
     l0: float
     explained_variance: float
@@ -198,7 +199,9 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = model(x)
-        loss = sae_loss(x, out.x_hat, out.l0, cfg.objective.sparsity, coefficient, cfg.objective.target_l0)
+        loss = sae_loss(
+            x, out.x_hat, out.l0, cfg.objective.sparsity, coefficient, cfg.objective.target_l0, cfg.objective.tilt
+        )
         self.optimizer.zero_grad(set_to_none=True)
         loss.total.backward()
         model.project_decoder_grad()
@@ -211,7 +214,7 @@ class Trainer:
             self._track_fires(out.indices, out.values)
             ev = explained_variance(x, out.x_hat)
         return StepStats(
-            loss.total.item(), loss.reconstruction.item(), loss.sparsity.item(), out.l0.mean().item(),
+            loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
             ev.item(), grad_norm.item(), lr, coefficient,
         )
 

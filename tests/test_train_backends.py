@@ -14,16 +14,22 @@ from tests.test_kernels_common import INTERPRET
 from tests.test_training import small_config
 
 
-def run(tmp_path, backend: str, steps: int = 8) -> list[dict]:
-    cfg = small_config(tmp_path / backend, steps=steps)
+def run(tmp_path, backend: str, steps: int = 8, sparsity: str = "target_l0", tilt: float = 0.0) -> list[dict]:
+    out = tmp_path / f"{backend}-{sparsity}-{tilt}"
+    cfg = small_config(out, steps=steps)
     cfg.sae.backend = backend
+    cfg.objective.sparsity, cfg.objective.tilt = sparsity, tilt
+    if sparsity == "l0":
+        cfg.objective.l0_coefficient = 0.05
     Trainer(cfg, SyntheticActivations(), progress=False).fit()
-    return [json.loads(line) for line in (tmp_path / backend / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="on a GPU the kernel tests cover this at full precision")
-def test_triton_backend_trains_like_the_reference(tmp_path):
-    ref, tri = run(tmp_path, "reference"), run(tmp_path, "triton")
+@pytest.mark.parametrize("sparsity, tilt", [("target_l0", 0.0), ("l0", 0.0), ("target_l0", 0.05)])
+def test_triton_backend_trains_like_the_reference(tmp_path, sparsity, tilt):
+    ref = run(tmp_path, "reference", sparsity=sparsity, tilt=tilt)
+    tri = run(tmp_path, "triton", sparsity=sparsity, tilt=tilt)
     for a, b in zip(ref, tri):
         assert a["l0"] == b["l0"], a["step"]  # same latents fire: no decision flipped by rounding
         # fp32 sums in another order: ~1e-7 relative per step, grown over 8 Adam steps.
