@@ -36,6 +36,10 @@ class SAEConfig:
     (RECIPES section 7: from theta = 0.001 a short run cannot reach a small L0)."""
     b_dec_init: str = "mean"
     """Decoder bias init: "zeros" (RECIPES) or "mean" of the first batches (halved delta CE in RECIPES 7)."""
+    init_from: str | None = None
+    """Fine-tune an existing SAE instead of starting from scratch: a checkpoint or SAELens-style folder, a run
+    folder (its latest checkpoint), or a Gemma Scope params.npz. Its width replaces --d-sae, and
+    --b-dec-init / --init-l0 / --threshold-init are not used."""
     backend: str = "auto"
     """SAE forward/backward: "triton" (fused sparse kernels, CUDA), "reference" (dense PyTorch), or "auto"
     (triton on CUDA, reference elsewhere)."""
@@ -164,14 +168,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def check_width(self, d_in: int) -> None:
-        """Raise ConfigError when the SAE width and the sparsity target cannot work for this d_in."""
-        d_sae = self.sae.width(d_in)
+    def check_width(self, d_in: int, d_sae: int) -> None:
+        """Raise ConfigError when the SAE width and the sparsity targets cannot work together."""
         if self.objective.sparsity == "target_l0" and self.objective.target_l0 >= d_sae:
             raise ConfigError(
                 f"--target-l0 {self.objective.target_l0} must be well below d_sae {d_sae}: lower it or widen the SAE"
             )
-        if self.sae.init_l0 is not None and self.sae.init_l0 >= d_sae:
+        if self.sae.init_l0 is not None and self.sae.init_from is None and self.sae.init_l0 >= d_sae:
             raise ConfigError(f"--init-l0 {self.sae.init_l0} must be below d_sae {d_sae}")
 
     def to_dict(self) -> dict[str, Any]:

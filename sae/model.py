@@ -52,6 +52,22 @@ class JumpReLUSAE(nn.Module):
         theta = z.topk(fires + 1, dim=0).values[-1]
         self.threshold.copy_(theta.clamp_min(floor))
 
+    @torch.no_grad()
+    def load_raw(self, weights: dict[str, Tensor], scale: float) -> None:
+        """Start from raw-space weights (the inverse of `export_raw`), with unit-norm decoder rows.
+
+        Moving to the space of scale * x: W_enc / s, W_dec * s, b_dec * s. A JumpReLU latent is positively
+        homogeneous (n z > n theta iff z > theta), so dividing decoder row j by its norm n_j while multiplying
+        W_enc[:, j], b_enc[j] and theta[j] by n_j leaves every reconstruction unchanged.
+        """
+        W_dec = weights["W_dec"].to(self.W_dec) * scale
+        norms = W_dec.norm(dim=1).clamp_min(1e-12)  # a zero row stays zero
+        self.W_dec.copy_(W_dec / norms[:, None])
+        self.W_enc.copy_(weights["W_enc"].to(self.W_enc) / scale * norms)
+        self.b_enc.copy_(weights["b_enc"].to(self.b_enc) * norms)
+        self.threshold.copy_(weights["threshold"].to(self.threshold) * norms)
+        self.b_dec.copy_(weights["b_dec"].to(self.b_dec) * scale)
+
     def forward(self, x: Tensor) -> Forward:
         return sae_forward(
             x, self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold, self.bandwidth, backend=self.backend
@@ -67,7 +83,7 @@ class JumpReLUSAE(nn.Module):
     @torch.no_grad()
     def normalize_decoder(self) -> None:
         """Renormalise every W_dec row to unit norm."""
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True))
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def export_raw(self, scale: float) -> dict[str, Tensor]:

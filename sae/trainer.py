@@ -23,9 +23,11 @@ from harvest.lm import resolve_device
 from sae import checkpoint as ckpt
 from sae.batches import BatchStream
 from sae.config import TrainConfig
+from sae.errors import ConfigError
 from sae.model import PARAM_NAMES, JumpReLUSAE
 from sae.objectives import sae_loss
 from sae.ops import resolve_backend
+from sae.pretrained import load_pretrained
 from sae.schedule import lr_at, sparsity_coefficient_at
 
 # Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
@@ -102,9 +104,14 @@ class Trainer:
                 "or pick another --out-dir"
             )
         d_in = int(state.info["d_in"]) if state else self._source_width(source)
-        cfg.check_width(d_in)
+        self.pretrained = load_pretrained(cfg.sae.init_from) if cfg.sae.init_from and state is None else None
+        if state is not None:
+            d_sae = int(state.info["d_sae"])
+        else:
+            d_sae = self._pretrained_width(d_in) if self.pretrained is not None else cfg.sae.width(d_in)
+        cfg.check_width(d_in, d_sae)
         backend = resolve_backend(cfg.sae.backend, self.device)
-        self.model = JumpReLUSAE(d_in, cfg.sae.width(d_in), cfg.sae.bandwidth, backend).to(self.device)
+        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, backend).to(self.device)
         self.optimizer = torch.optim.Adam(
             [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
             eps=cfg.optim.adam_eps,
@@ -121,6 +128,17 @@ class Trainer:
         d_in = getattr(source, "d_in", None)
         return int(d_in) if d_in is not None else int(self.batches.peek(1)[0].shape[-1])
 
+    def _pretrained_width(self, d_in: int) -> int:
+        source_d_in, d_sae = self.pretrained["W_enc"].shape
+        if source_d_in != d_in:
+            raise ConfigError(
+                f"--init-from {self.cfg.sae.init_from} has d_in={source_d_in} but the activations have d_in={d_in}: "
+                "it was trained on another model or layer"
+            )
+        if self.cfg.sae.d_sae is not None and self.cfg.sae.d_sae != d_sae:
+            raise ConfigError(f"--d-sae {self.cfg.sae.d_sae} differs from the width {d_sae} of --init-from; drop it")
+        return d_sae
+
     @torch.no_grad()
     def _initialise(self) -> None:
         """Fix the activation scale, then initialise the SAE (RECIPES 1, with the data-driven options)."""
@@ -131,12 +149,15 @@ class Trainer:
         if cfg.run.scale_activations:
             self.scale = float((self.model.d_in / x.pow(2).sum(-1).mean()).sqrt())
         x = x * self.scale
-        generator = torch.Generator().manual_seed(cfg.run.seed)
-        self.model.init_tied(cfg.sae.threshold_init, generator)
-        if cfg.sae.b_dec_init == "mean":
-            self.model.b_dec.copy_(x.mean(0))
-        if cfg.sae.init_l0 is not None:
-            self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=_THRESHOLD_FLOOR)
+        if self.pretrained is not None:
+            self.model.load_raw(self.pretrained, self.scale)
+            self.pretrained = None
+        else:
+            self.model.init_tied(cfg.sae.threshold_init, torch.Generator().manual_seed(cfg.run.seed))
+            if cfg.sae.b_dec_init == "mean":
+                self.model.b_dec.copy_(x.mean(0))
+            if cfg.sae.init_l0 is not None:
+                self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=_THRESHOLD_FLOOR)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.jsonl").write_text("")
         (self.out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
