@@ -12,6 +12,7 @@ from harvest import BufferConfig, DataConfig, Harvester, ModelConfig
 from sae.__main__ import main
 from sae.config import ObjectiveConfig, OptimConfig, RunConfig, SAEConfig, TrainConfig
 from sae.trainer import Trainer
+from tests.test_training import fit_until_crash
 
 
 def live_config(tiny_model: str, text_file: str, out_dir) -> TrainConfig:
@@ -41,16 +42,7 @@ def test_live_run_interrupted_and_resumed_reproduces_the_losses(tiny_model, text
 
     cfg_b = live_config(tiny_model, text_file, tmp_path / "broken")
     broken = Trainer(cfg_b, harvester(cfg_b), progress=False)
-    real_step = broken.train_step
-
-    def crash(x):
-        if broken.step == 12:  # after the checkpoint at step 10, inside the second buffer fill
-            raise KeyboardInterrupt
-        return real_step(x)
-
-    broken.train_step = crash
-    with pytest.raises(KeyboardInterrupt):
-        broken.fit()
+    fit_until_crash(broken, 12, KeyboardInterrupt)  # after the checkpoint at step 10, in the second fill
     resumed = Trainer(cfg_b, harvester(cfg_b), progress=False, resume=tmp_path / "broken")
     resumed.fit()
     assert losses(tmp_path / "broken") == losses(tmp_path / "full")

@@ -85,22 +85,27 @@ class Interrupt(Exception):
     pass
 
 
+def fit_until_crash(trainer: Trainer, step: int, error: type[BaseException]) -> None:
+    """Run trainer.fit() with `error` raised inside the step that would follow `step`."""
+    real_step = trainer.train_step
+
+    def crashing_step(x):
+        if trainer.step == step:
+            raise error
+        return real_step(x)
+
+    trainer.train_step = crashing_step
+    with pytest.raises(error):
+        trainer.fit()
+
+
 def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_path):
     full = Trainer(small_config(tmp_path / "full"), SyntheticActivations(), progress=False)
     full.fit()
 
     # Crash after step 27: the last checkpoint is step 20; steps 21..27 are lost and must be redone.
     broken = Trainer(small_config(tmp_path / "broken"), SyntheticActivations(), progress=False)
-    real_step = broken.train_step
-
-    def crashing_step(x):
-        if broken.step == 27:
-            raise Interrupt
-        return real_step(x)
-
-    broken.train_step = crashing_step
-    with pytest.raises(Interrupt):
-        broken.fit()
+    fit_until_crash(broken, 27, Interrupt)
     assert ckpt.find_checkpoint(tmp_path / "broken").name == "step_000000020"
 
     resumed = Trainer(small_config(tmp_path / "broken"), SyntheticActivations(), progress=False,
@@ -117,16 +122,7 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
 
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     trainer = Trainer(small_config(tmp_path / "run"), SyntheticActivations(), progress=False)
-    real_step = trainer.train_step
-
-    def interrupted(x):
-        if trainer.step == 13:
-            raise KeyboardInterrupt
-        return real_step(x)
-
-    trainer.train_step = interrupted
-    with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+    fit_until_crash(trainer, 13, KeyboardInterrupt)
     assert ckpt.find_checkpoint(tmp_path / "run").name == "step_000000013"
 
 
