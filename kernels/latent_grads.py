@@ -9,6 +9,10 @@ With P active (row, latent) pairs (P = B * L0), f the active value and dz = dL/d
 A counting sort (`latent_major`: torch sort/bincount on the [P] pair list) gives each latent its pairs in
 row order; one program owns one (latent, BLOCK_D slice), so every gradient element is written once, in a
 fixed order, with no atomics. Latents that never fired keep their zero gradient untouched.
+
+Compact mode (`out_rows`): latent i's gradients go to row out_rows[i] of [T, D] / [D, T] / [T] outputs
+instead of row latents[i] of [F, D] / [D, F] / [F] ones, so a sparse training step never allocates a dense
+weight gradient. The kernel reads nothing indexed by latent, so only the store address changes.
 """
 
 from __future__ import annotations
@@ -43,9 +47,11 @@ class EncoderPairs(NamedTuple):
 
 
 class WeightGrads(NamedTuple):
-    W_dec: Tensor  # [F, D]
-    W_enc: Tensor | None  # [D, F]
-    b_enc: Tensor | None  # [F]
+    """Dense, or with `out_rows` compact over T latents (shapes in brackets)."""
+
+    W_dec: Tensor  # [F, D]  ([T, D])
+    W_enc: Tensor | None  # [D, F]  ([D, T])
+    b_enc: Tensor | None  # [F]  ([T])
 
 
 def latent_major(indices: Tensor, counts: Tensor, F: int, per_latent: Tensor | None = None) -> LatentMajor:
@@ -66,18 +72,18 @@ def latent_major(indices: Tensor, counts: Tensor, F: int, per_latent: Tensor | N
 
 @triton.jit
 def _latent_grads_kernel(
-    p_lat,  # [L] latent of each program
+    p_lat,  # [L] output row of each program: its latent id, or its rank in a compact output
     p_start,  # [L + 1] pair range of each latent
     p_rows,  # [P] row of each pair
     p_slots,  # [P] flat slot of each pair in the [B, K] lists below
     p_f,  # [B, K] active value of each slot
     p_g,  # [B, D] dL/dx_hat
-    p_dwdec,  # [F, D] out (zeros in): rows that fired
+    p_dwdec,  # [F, D] out (zeros in): rows that fired ([T, D] in compact mode, F = T)
     p_dz,  # [B, K] fp32 dL/dz of each slot (read only if HAS_ENC)
     p_x,  # [B, D] activations
     p_bdec,  # [D] pre-encoder bias
-    p_dwenc,  # [D, F] out (zeros in): columns that fired
-    p_dbenc,  # [F] out (zeros in)
+    p_dwenc,  # [D, F] out (zeros in): columns that fired ([D, T] in compact mode)
+    p_dbenc,  # [F] out (zeros in) ([T] in compact mode)
     D,
     F,
     HAS_ENC: tl.constexpr,
@@ -125,10 +131,14 @@ def latent_grads(
     dtype: torch.dtype,
     encoder: EncoderPairs | None = None,
     blocks: tuple[int, int] = (32, 128),
+    out_rows: Tensor | None = None,
 ) -> WeightGrads:
     """Decoder (and, given `encoder`, encoder) weight gradients from the latent-major pairs.
 
     f: [B, K] active value of each slot; g: [B, D] dL/dx_hat. d W_dec is allocated as zeros in `dtype`.
+    out_rows: [L] int64, compact mode: pairs.latents[i]'s gradients go to row out_rows[i] (distinct, in
+        [0, T)) and W_dec_shape is (T, D): d W_dec [T, D], d W_enc [D, T], d b_enc [T]; rows that no latent
+        maps to stay zero. Default: row = latent id, W_dec_shape = (F, D).
     """
     enc = encoder
     launch.check_kernel_tensors(f=f, g=g, **({} if enc is None else {"dz": enc.dz, "x": enc.x, "b_dec": enc.b_dec}))
@@ -141,9 +151,14 @@ def latent_grads(
         d_W_enc = torch.zeros((D, F), dtype=enc.W_enc_dtype, device=dev)
         d_b_enc = torch.zeros(F, dtype=enc.b_enc_dtype, device=dev)
     L = pairs.latents.numel()
+    if out_rows is None:
+        out_rows = pairs.latents
+    elif out_rows.shape != pairs.latents.shape:
+        raise ValueError(f"out_rows must have one row per latent, {tuple(pairs.latents.shape)}; got "
+                         f"{tuple(out_rows.shape)}")
     if L:
         _latent_grads_kernel[(L, triton.cdiv(D, block_d))](
-            pairs.latents, pairs.starts, pairs.rows, pairs.slots, f, g, d_W_dec,
+            out_rows, pairs.starts, pairs.rows, pairs.slots, f, g, d_W_dec,
             *((f, g, g, d_W_dec, d_W_dec) if enc is None else (enc.dz, enc.x, enc.b_dec, d_W_enc, d_b_enc)),
             D, F, HAS_ENC=enc is not None, BLOCK_P=block_p, BLOCK_D=block_d,
         )  # fmt: skip

@@ -12,6 +12,7 @@ so, summed over the batch,
 
 The program for latent j sums the window rows of dL/dx_hat first and takes one dot product with W_dec[j]:
 each window pair costs D adds, each latent 2 * D FLOPs and one read of its decoder row.
+With `out_rows` the result is compact: latent i's d theta goes to entry out_rows[i] of a [T] vector.
 """
 
 from __future__ import annotations
@@ -28,13 +29,14 @@ from kernels.latent_grads import LatentMajor
 @triton.jit
 def _threshold_grad_kernel(
     p_lat,  # [L] latent of each program (those with window pairs)
+    p_orow,  # [L] output entry of each program: its latent id, or its rank in a compact output
     p_start,  # [L + 1] pair range of each latent
     p_rows,  # [P] row of each window pair
     p_g,  # [B, D] dL/dx_hat
     p_gl0,  # [B] dL/dl0
     p_wdec,  # [F, D] decoder
     p_theta,  # [F] thresholds
-    p_out,  # [F] out (zeros in): d theta
+    p_out,  # [F] out (zeros in): d theta ([T] in compact mode)
     D,
     eps,
     BLOCK_P: tl.constexpr,
@@ -64,7 +66,8 @@ def _threshold_grad_kernel(
         b_row = tl.load(p_rows + o_p, mask=m_p, other=0)
         b_l0 += tl.load(p_gl0 + b_row, mask=m_p, other=0).to(tl.float32)
     theta = tl.load(p_theta + j).to(tl.float32)
-    tl.store(p_out + j, -(theta / eps) * tl.sum(b_dot, axis=0) - tl.sum(b_l0, axis=0) / eps)
+    o_out = tl.load(p_orow + i_l)
+    tl.store(p_out + o_out, -(theta / eps) * tl.sum(b_dot, axis=0) - tl.sum(b_l0, axis=0) / eps)
 
 
 def threshold_grad(
@@ -75,15 +78,27 @@ def threshold_grad(
     threshold: Tensor,
     bandwidth: float,
     blocks: tuple[int, int] = (32, 128),
+    out_rows: Tensor | None = None,
+    num_out: int | None = None,
 ) -> Tensor:
-    """d theta [F] (threshold's dtype) from the window pairs; g [B, D] = dL/dx_hat, g_l0 [B] = dL/dl0."""
+    """d theta [F] (threshold's dtype) from the window pairs; g [B, D] = dL/dx_hat, g_l0 [B] = dL/dl0.
+
+    Compact mode: with out_rows [L] int64 (distinct, in [0, num_out)), window.latents[i]'s gradient goes to
+    entry out_rows[i] of a [num_out] result; entries no latent maps to are zero.
+    """
     launch.check_kernel_tensors(g=g, g_l0=g_l0, W_dec=W_dec, threshold=threshold)
     block_p, block_d = blocks
-    out = torch.zeros_like(threshold)
     L = window.latents.numel()
+    if out_rows is None:
+        out, out_rows = torch.zeros_like(threshold), window.latents
+    elif out_rows.shape != window.latents.shape or num_out is None:
+        raise ValueError(f"compact mode needs num_out and one out_rows entry per latent {tuple(window.latents.shape)};"
+                         f" got out_rows {tuple(out_rows.shape)}, num_out {num_out}")
+    else:
+        out = torch.zeros(num_out, dtype=threshold.dtype, device=threshold.device)
     if L:
         _threshold_grad_kernel[(L,)](
-            window.latents, window.starts, window.rows, g, g_l0, W_dec, threshold, out,
+            window.latents, out_rows, window.starts, window.rows, g, g_l0, W_dec, threshold, out,
             W_dec.shape[1], float(bandwidth), BLOCK_P=block_p, BLOCK_D=block_d,
         )  # fmt: skip
     return out

@@ -11,6 +11,7 @@ from kernels.reference import Forward
 from sae.ops import sae_forward
 
 PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+THRESHOLD_FLOOR = 1e-6  # thresholds are clamped to at least this after each step: JumpReLU needs theta > 0
 
 
 class JumpReLUSAE(nn.Module):

@@ -24,17 +24,17 @@ from sae import checkpoint as ckpt
 from sae.batches import BatchStream
 from sae.config import TrainConfig
 from sae.errors import ConfigError
-from sae.model import PARAM_NAMES, JumpReLUSAE
+from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import sae_loss
 from sae.ops import resolve_backend
 from sae.pretrained import load_pretrained
 from sae.schedule import lr_at, sparsity_coefficient_at
+from sae.sparse_step import adam_state_from_lazy, build_lazy_adam, lazy_state_from_adam, sparse_train_step
 
 # Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
 # computation runs (a CPU run may continue on a GPU).
 _FROZEN_SECTIONS = ("model", "data", "buffer", "sae")
 _MOVABLE_FIELDS = ("model_device", "backend")
-_THRESHOLD_FLOOR = 1e-6  # keeps theta > 0 (RECIPES: thresholds are positive)
 
 
 class StepStats(NamedTuple):
@@ -112,10 +112,15 @@ class Trainer:
         cfg.check_width(d_in, d_sae)
         backend = resolve_backend(cfg.sae.backend, self.device)
         self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, backend).to(self.device)
-        self.optimizer = torch.optim.Adam(
-            [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr, betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2),
-            eps=cfg.optim.adam_eps,
-        )
+        # With the kernels and beta1 = 0 the whole step is sparse, optimizer included (sae/sparse_step.py).
+        self.sparse_step = backend == "triton" and cfg.optim.adam_beta1 == 0.0 and cfg.objective.tilt == 0.0
+        if self.sparse_step:
+            self.optimizer = build_lazy_adam(self.model, cfg.optim.adam_beta2, cfg.optim.adam_eps)
+        else:
+            self.optimizer = torch.optim.Adam(
+                [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr,
+                betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
+            )
         self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
         if state is not None:
             self._restore(state)
@@ -157,7 +162,7 @@ class Trainer:
             if cfg.sae.b_dec_init == "mean":
                 self.model.b_dec.copy_(x.mean(0))
             if cfg.sae.init_l0 is not None:
-                self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=_THRESHOLD_FLOOR)
+                self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=THRESHOLD_FLOOR)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "metrics.jsonl").write_text("")
         (self.out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -181,14 +186,7 @@ class Trainer:
         with torch.no_grad():
             for name in PARAM_NAMES:
                 getattr(self.model, name).copy_(tensors[f"param.{name}"])
-        opt_state = {}
-        for i, name in enumerate(PARAM_NAMES):  # the optimizer holds the parameters in PARAM_NAMES order
-            prefix = f"optim.{name}."
-            moments = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-            if moments:
-                opt_state[i] = {k: v if k == "step" else v.to(self.device) for k, v in moments.items()}
-        groups = self.optimizer.state_dict()["param_groups"]
-        self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        self._restore_optimizer(tensors)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         ckpt.restore_rng(tensors)
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
@@ -200,6 +198,25 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
         self._truncate_metrics()
+
+    def _restore_optimizer(self, tensors: dict[str, Tensor]) -> None:
+        """Load Adam's state, converting between the dense and the sparse step's formats if the backend changed."""
+        lazy = {k[len("lazy_adam."):]: v for k, v in tensors.items() if k.startswith("lazy_adam.")}
+        by_name: dict[str, dict[str, Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                name, moment = key[len("optim."):].split(".", 1)
+                by_name.setdefault(name, {})[moment] = value
+        if self.sparse_step:
+            self.optimizer.load_state_dict(lazy or lazy_state_from_adam(self.optimizer, by_name))
+            return
+        if lazy:
+            by_name = adam_state_from_lazy(lazy)
+        state = {  # the optimizer holds the parameters in PARAM_NAMES order
+            i: {k: v if k == "step" else v.to(self.device) for k, v in by_name[name].items()}
+            for i, name in enumerate(PARAM_NAMES) if name in by_name
+        }
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
 
     def _truncate_metrics(self) -> None:
         """Drop metrics lines logged after the checkpoint, so the resumed run's log reads as one run."""
@@ -217,6 +234,15 @@ class Trainer:
         coefficient = sparsity_coefficient_at(
             self.step, cfg.objective.l0_coefficient, cfg.objective.sparsity_warmup_steps
         )
+        if self.sparse_step:
+            step = sparse_train_step(
+                model, self.optimizer, x, lr, cfg.objective.sparsity, coefficient, cfg.objective.target_l0,
+                cfg.optim.max_grad_norm,
+            )
+            self._track_fires(step.indices, step.values)
+            st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
+            return StepStats(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0,
+                             st.explained_variance, st.grad_norm, lr, coefficient)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = model(x)
@@ -231,7 +257,7 @@ class Trainer:
         self.optimizer.step()
         with torch.no_grad():
             model.normalize_decoder()
-            model.threshold.clamp_(min=_THRESHOLD_FLOOR)
+            model.threshold.clamp_(min=THRESHOLD_FLOOR)
             self._track_fires(out.indices, out.values)
             ev = explained_variance(x, out.x_hat)
         return StepStats(
@@ -307,11 +333,14 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         model = self.model
-        opt_tensors = {
-            f"optim.{name}.{key}": value
-            for name in PARAM_NAMES
-            for key, value in self.optimizer.state.get(getattr(model, name), {}).items()
-        }
+        if self.sparse_step:
+            opt_tensors = {f"lazy_adam.{k}": v for k, v in self.optimizer.state_dict().items()}
+        else:
+            opt_tensors = {
+                f"optim.{name}.{key}": value
+                for name in PARAM_NAMES
+                for key, value in self.optimizer.state.get(getattr(model, name), {}).items()
+            }
         state_tensors = {
             **{f"param.{name}": getattr(model, name) for name in PARAM_NAMES},
             **opt_tensors,

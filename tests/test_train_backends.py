@@ -11,7 +11,7 @@ from sae.ops import resolve_backend
 from sae.trainer import Trainer
 from tests.synthetic import SyntheticActivations
 from tests.test_kernels_common import INTERPRET
-from tests.test_training import small_config
+from tests.test_training import fit_until_crash, small_config
 
 
 def run(tmp_path, backend: str, steps: int = 8, sparsity: str = "target_l0", tilt: float = 0.0) -> list[dict]:
@@ -47,3 +47,41 @@ def test_backend_resolution(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
     with pytest.raises(ConfigError, match="unknown SAE backend"):
         resolve_backend("cuda", torch.device("cpu"))
+
+
+def logged(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter-only check of the CPU path; GPUs run tests/test_kernels*")
+def test_sparse_step_run_resumes_bit_for_bit(tmp_path):
+    def trainer(out, **kw):
+        cfg = small_config(out, steps=14)
+        cfg.sae.backend = "triton"
+        return Trainer(cfg, SyntheticActivations(), progress=False, **kw)
+
+    full = trainer(tmp_path / "full")
+    assert full.sparse_step  # triton + beta1 = 0: the LazyAdam path
+    full.fit()
+    broken = trainer(tmp_path / "broken")
+    fit_until_crash(broken, 12, KeyboardInterrupt)  # saves step 12 on the way out
+    trainer(tmp_path / "broken", resume=tmp_path / "broken").fit()
+    assert [(r["step"], r["loss"], r["l0"]) for r in logged(tmp_path / "broken")] == [
+        (r["step"], r["loss"], r["l0"]) for r in logged(tmp_path / "full")
+    ]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="interpreter-only check of the CPU path; GPUs run tests/test_kernels*")
+@pytest.mark.parametrize("first, then", [("reference", "triton"), ("triton", "reference")])
+def test_a_run_may_change_backend_on_resume(tmp_path, first, then):
+    cfg = small_config(tmp_path / "ref", steps=12)
+    cfg.sae.backend = first
+    Trainer(cfg, SyntheticActivations(), progress=False).fit()
+    cfg = small_config(tmp_path / "switch", steps=12)
+    cfg.sae.backend = first
+    fit_until_crash(Trainer(cfg, SyntheticActivations(), progress=False), 6, KeyboardInterrupt)
+    cfg.sae.backend = then  # the optimizer state converts between torch Adam and LazyAdam
+    Trainer(cfg, SyntheticActivations(), progress=False, resume=tmp_path / "switch").fit()
+    for a, b in zip(logged(tmp_path / "ref"), logged(tmp_path / "switch")):
+        assert a["l0"] == b["l0"], a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
