@@ -58,6 +58,8 @@ class SparseStep(NamedTuple):
     stats: SparseStepStats
     indices: Tensor  # [B, K] int64 active latents per row (for dead-latent tracking, like Forward.indices)
     values: Tensor  # [B, K] their values; > 0 marks a used slot
+    reruns: int  # 1 when a row overflowed the encode's capacity and the encode ran again (exact, but slower)
+    max_l0: int  # the largest row L0 of the batch: a good base for the next step's capacity
 
 
 def build_lazy_adam(model: JumpReLUSAE, beta2: float = 0.999, eps: float = 1e-8, validate: bool = False) -> LazyAdam:
@@ -182,4 +184,4 @@ def sparse_train_step(
         out.loss.item(), out.reconstruction.item(), out.sparsity.item(), out.l0.mean().item(), explained.item(),
         grad_norm.item(),
     )  # fmt: skip
-    return SparseStep(stats, out.indices, out.values.to(x.dtype))
+    return SparseStep(stats, out.indices, out.values.to(x.dtype), out.reruns, int(out.l0.max().item()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -47,6 +48,7 @@ class StepStats(NamedTuple):
     grad_norm: float
     lr: float
     sparsity_coefficient: float
+    encode_reruns: float  # 1 when a row overflowed the fused encode's capacity and it ran again (triton only)
 
 
 class TrainSummary(NamedTuple):
@@ -121,6 +123,7 @@ class Trainer:
                 [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr,
                 betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
             )
+        self.capacity: int | None = None  # encode slots per row of the sparse step; None: the kernel's default
         self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
         if state is not None:
             self._restore(state)
@@ -237,12 +240,15 @@ class Trainer:
         if self.sparse_step:
             step = sparse_train_step(
                 model, self.optimizer, x, lr, cfg.objective.sparsity, coefficient, cfg.objective.target_l0,
-                cfg.optim.max_grad_norm,
+                cfg.optim.max_grad_norm, capacity=self.capacity,
             )
+            # Slots per row for the next encode: 25% above this batch's largest L0, so overflow (a second
+            # encode) stays rare while the compact lists stay small.
+            self.capacity = min(model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
             self._track_fires(step.indices, step.values)
             st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
             return StepStats(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0,
-                             st.explained_variance, st.grad_norm, lr, coefficient)
+                             st.explained_variance, st.grad_norm, lr, coefficient, float(step.reruns))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         out = model(x)
@@ -262,7 +268,7 @@ class Trainer:
             ev = explained_variance(x, out.x_hat)
         return StepStats(
             loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
-            ev.item(), grad_norm.item(), lr, coefficient,
+            ev.item(), grad_norm.item(), lr, coefficient, 0.0,
         )
 
     def _track_fires(self, indices: Tensor, values: Tensor) -> None:
