@@ -6,6 +6,16 @@ import random
 import pytest
 import torch
 
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tests run tiny products: on the shared 2-core machines, under load, two OpenMP threads made a [80, 32]
+    matmul take ~14 ms instead of ~0.05 ms, and the test shapes gain nothing from a second thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 N_LAYERS = 4
 WORDS = ("patient presents with acute chest pain radiating to the left arm fever cough dyspnea "
          "history of diabetes hypertension fracture of femur unspecified sequela encounter").split()
