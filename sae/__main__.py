@@ -12,6 +12,7 @@ import sys
 
 from sae.config import ConfigError, TrainConfig
 from sae.config_cli import add_config_arguments, build_config, given_flags
+from sae.evaluate import EvalCommand
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +34,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars (log lines still go to metrics.jsonl)")
     add_config_arguments(train, TrainConfig)
+    evaluate = commands.add_parser(
+        "eval",
+        help="compare SAEs side by side on held-out tokens (explained variance, L0, dead latents, delta CE, ...)",
+        description=(
+            "Evaluate one or several SAEs on the same held-out tokens of a live model: reconstruction (FVU about "
+            "the mean), sparsity, the worst-reconstructed tokens, dark matter and the spliced downstream loss. "
+            "Writes report.json and report.md. Model, layer and data default to the first SAE's metadata."
+        ),
+    )
+    evaluate.add_argument("saes", nargs="+", metavar="SAE",
+                          help="run folders, checkpoint or SAELens-style folders, or Gemma Scope params.npz files")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_arguments(evaluate, EvalCommand)
     return parser
 
 
@@ -74,6 +88,17 @@ def train(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    from sae.evaluate import evaluate as run_eval
+    from sae.evaluate import markdown_table, write_report
+
+    cfg = build_config(EvalCommand, given_flags(args, EvalCommand)).eval
+    report = run_eval(cfg, args.saes, progress=not args.no_progress)
+    folder = write_report(report, cfg.out)
+    print("\n" + markdown_table(report) + f"\nwritten: {folder / 'report.json'}, {folder / 'report.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from harvest.errors import HarvestError
@@ -82,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train(args)
+        if args.command == "eval":
+            return evaluate(args)
     except (ConfigError, CheckpointError, HarvestError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

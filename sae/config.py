@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harvest.config import BufferConfig, DataConfig, ModelConfig
+from sae.config_cli import from_sections
 from sae.errors import ConfigError
 from sae.ops import BACKENDS
 
@@ -183,17 +184,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Rebuild from `to_dict` output; unknown sections or fields raise ConfigError naming them."""
-        sections = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = set(data) - set(sections)
-        if unknown:
-            raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(sections)}")
-        kwargs = {}
-        for f in dataclasses.fields(cls):
-            section_cls = f.default_factory  # type: ignore[misc]
-            values = data.get(f.name, {})
-            names = {g.name for g in dataclasses.fields(section_cls)}
-            bad = set(values) - names
-            if bad:
-                raise ConfigError(f"unknown fields {sorted(bad)} in config section '{f.name}'")
-            kwargs[f.name] = section_cls(**values)
-        return cls(**kwargs)
+        return from_sections(cls, data)

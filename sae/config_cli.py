@@ -91,10 +91,31 @@ def given_flags(args: argparse.Namespace, config_cls: type) -> dict[str, dict[st
     return out
 
 
+def from_sections(config_cls: type, data: dict[str, dict[str, Any]]):
+    """`config_cls` (a dataclass of dataclasses) from {section: {field: value}}; unknown names are errors."""
+    from sae.errors import ConfigError
+
+    hints = typing.get_type_hints(config_cls)
+    names = [f.name for f in dataclasses.fields(config_cls)]
+    unknown = set(data) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown config sections {sorted(unknown)}; expected {sorted(names)}")
+    kwargs = {}
+    for name in names:
+        values = data.get(name, {})
+        bad = set(values) - {f.name for f in dataclasses.fields(hints[name])}
+        if bad:
+            raise ConfigError(f"unknown fields {sorted(bad)} in config section '{name}'")
+        kwargs[name] = hints[name](**values)
+    return config_cls(**kwargs)
+
+
 def build_config(config_cls: type, overrides: dict[str, dict[str, Any]], base: dict | None = None):
-    """The config from `base` (a to_dict() of a config, or the defaults) with `overrides` applied."""
-    data = base if base is not None else dataclasses.asdict(config_cls())
-    data = {name: dict(values) for name, values in data.items()}
+    """The config from `base` (a dict of a saved config; default: every section's defaults) with `overrides`."""
+    hints = typing.get_type_hints(config_cls)
+    if base is None:
+        base = {f.name: dataclasses.asdict(hints[f.name]()) for f in dataclasses.fields(config_cls)}
+    data = {name: dict(values) for name, values in base.items()}
     for section, values in overrides.items():
         data[section].update(values)
-    return config_cls.from_dict(data)
+    return from_sections(config_cls, data)

@@ -95,3 +95,27 @@ def test_cli_refuses_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
     (folder / "training_state.json").write_text("{truncated")
     assert main(["train", "--resume", str(tmp_path / "run")]) == 2
     assert "corrupt" in capsys.readouterr().err
+
+
+def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, capsys):
+    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
+              "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
+              "--init-l0", "16", "--steps", "4", "--device", "cpu", "--no-progress"]
+    for name, target in (("a", "8"), ("b", "4")):
+        assert main(["train", *common, "--target-l0", target, "--out-dir", str(tmp_path / name)]) == 0
+    out = tmp_path / "eval"
+    args = ["eval", str(tmp_path / "a"), str(tmp_path / "b"), "--heldout-examples", "12", "--eval-tokens", "60",
+            "--dark-matter-fit-tokens", "40", "--splice-rows", "4", "--eval-device", "cpu", "--out", str(out),
+            "--no-progress"]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == tiny_model and report["layer"] == 2  # from the SAEs' metadata
+    assert report["heldout"]["tokens"] == 60 and report["heldout"]["first_example"] == 40 - 12
+    for path in (str(tmp_path / "a"), str(tmp_path / "b")):
+        r = report["saes"][path]
+        assert 0 <= r["reconstruction"]["fvu"] < 2 and r["reconstruction"]["tokens"] == 60
+        assert r["tail_fvu_worst_1pct"] >= r["reconstruction"]["fvu"]
+        assert r["sparsity"]["tokens"] == 60
+        assert torch.isfinite(torch.tensor(r["downstream"]["delta_ce"]))
+        assert r["dark_matter"]["fit_tokens"] == 40
+    assert "| SAE |" in (out / "report.md").read_text() and "held-out tokens" in capsys.readouterr().out

@@ -1,0 +1,228 @@
+"""`python -m sae eval`: several SAEs side by side on the same held-out tokens (RECIPES section 3).
+
+Held-out tokens: the examples at the END of the first epoch's seeded order (the order the harvester trains
+in, from its start), so a run that read less than one epoch never saw them; each SAE's checkpoint says how
+far its training read, and the report says whether the two overlap.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from harvest.activations import keep_mask, layer_activations
+from harvest.config import DataConfig, ModelConfig
+from harvest.lm import load_lm
+from harvest.text import TokenRows, load_texts
+from kernels import reference
+from sae import checkpoint as ckpt
+from sae.dark_matter import DarkMatterAccumulator, LinearResidualFit
+from sae.errors import ConfigError
+from sae.metrics import FiringAccumulator, ReconstructionAccumulator
+from sae.pretrained import load_pretrained
+from sae.splice import activation_mean, downstream_loss, pad_rows, sae_from_weights
+
+
+@dataclass
+class EvalConfig:
+    """Which tokens to evaluate on and which metrics to compute."""
+
+    model: str | None = None
+    """Language model; default: the first SAE's metadata model_name."""
+    layer: int | None = None
+    """Hooked decoder layer; default: the first SAE's metadata hook_layer."""
+    dataset: str | None = None
+    """Text to evaluate on; default: the first SAE's metadata dataset_path."""
+    text_field: str = "text"
+    """Column holding the text."""
+    context_size: int | None = None
+    """Tokens per row; default: the first SAE's metadata context_size."""
+    data_seed: int = 0
+    """The training runs' --data-seed: it fixes the example order, whose end is held out."""
+    heldout_examples: int = 400
+    """How many examples at the end of the first epoch's order are held out for evaluation."""
+    eval_tokens: int = 16384
+    """Activations (special tokens excluded) to evaluate reconstruction and sparsity on."""
+    dark_matter_fit_tokens: int = 0
+    """Tokens (from the same held-out set, before the scored ones) to fit the linear residual on; at least
+    100 * d_in for a stable fit. 0 skips the dark-matter metrics."""
+    splice_rows: int = 8
+    """Held-out rows on which the reconstruction is spliced into the LM for delta CE (4 full LM forwards
+    per row and SAE); 0 skips the downstream metrics."""
+    dense_threshold: float = 0.1
+    """A latent is dense when it fires on more than this fraction of tokens."""
+    out: str = "runs/eval"
+    """Folder for report.json and report.md."""
+    eval_device: str = "auto"
+    """Device for the LM and the SAEs: cpu, cuda, or auto."""
+
+    def __post_init__(self) -> None:
+        for name in ("heldout_examples", "eval_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0:
+            raise ConfigError("--dark-matter-fit-tokens and --splice-rows must be >= 0")
+
+
+@dataclass
+class EvalCommand:
+    """The settings of `python -m sae eval`."""
+
+    eval: EvalConfig
+
+
+def _load(path: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] | None]:
+    """(raw weights, cfg.json metadata or {}, training_state.json or None) of an SAE path."""
+    weights = load_pretrained(path)
+    p = Path(path)
+    if p.suffix == ".npz":
+        return weights, {}, None
+    folder = p if (p / ckpt.WEIGHTS_FILE).exists() else ckpt.find_checkpoint(p)
+    meta = json.loads((folder / ckpt.CFG_FILE).read_text()).get("metadata", {})
+    info = ckpt.load_training_state(folder).info if (folder / ckpt.STATE_JSON_FILE).exists() else None
+    return weights, meta, info
+
+
+def _overlap(info: dict[str, Any] | None, heldout_start: int) -> bool | None:
+    """Whether the run's training text reached the held-out examples; None when it cannot be told.
+
+    The checkpoint's data position is where the current buffer fill began reading; that fill read about as
+    many examples as each earlier one, so the run read up to start * (fills + 1) / fills examples.
+    """
+    position = (info or {}).get("data_position")
+    if not position:
+        return None
+    start, fills = position["fill_start"], position["fill"]
+    if start["epoch"] > 0:
+        return True
+    if fills == 0:
+        return None
+    return start["index"] * (fills + 1) / fills >= heldout_start
+
+
+def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> dict[str, Any]:
+    saes = {path: _load(path) for path in sae_paths}
+    first_meta = next(iter(saes.values()))[1]
+    model_name = cfg.model or first_meta.get("model_name")
+    layer = cfg.layer if cfg.layer is not None else first_meta.get("hook_layer")
+    dataset = cfg.dataset or first_meta.get("dataset_path")
+    context = cfg.context_size or first_meta.get("context_size")
+    if None in (model_name, layer, dataset, context):
+        raise ConfigError("the first SAE has no metadata: pass --model, --layer, --dataset and --context-size")
+    lm, tokenizer = load_lm(ModelConfig(model=model_name, layer=layer, model_device=cfg.eval_device))
+    device = next(lm.parameters()).device
+    d_in = lm.config.get_text_config().hidden_size
+    for path, (weights, _, _) in saes.items():
+        if weights["W_enc"].shape[0] != d_in:
+            raise ConfigError(f"{path} has d_in={weights['W_enc'].shape[0]}, but {model_name} has {d_in}")
+    rows = TokenRows(load_texts(DataConfig(dataset=dataset, text_field=cfg.text_field, context_size=context)),
+                     tokenizer, context, cfg.data_seed)
+    start = max(0, rows.num_examples - cfg.heldout_examples)
+    rows.seek({"epoch": 0, "index": start})
+
+    need = cfg.dark_matter_fit_tokens + cfg.eval_tokens
+    activations, token_rows, n = [], [], 0
+    with tqdm(total=need, desc="harvesting held-out tokens", unit="tok", disable=not progress) as bar:
+        while n < need and rows.position()["epoch"] == 0:
+            batch = [row for row, _ in rows.take(min(16, rows.num_examples - rows.position()["index"]))]
+            token_rows += batch
+            ids, mask = pad_rows(batch, tokenizer.pad_token_id or 0, device)
+            acts = layer_activations(lm, layer, ids, mask)[keep_mask(ids, mask, tokenizer, True)].float()
+            activations.append(acts)
+            n += len(acts)
+            bar.update(len(acts))
+    x_all = torch.cat(activations)[:need]
+    if len(x_all) < need:
+        raise ConfigError(
+            f"the {cfg.heldout_examples} held-out examples hold only {len(x_all)} tokens; lower --eval-tokens "
+            "or raise --heldout-examples"
+        )
+    x_fit, x = x_all[: cfg.dark_matter_fit_tokens], x_all[cfg.dark_matter_fit_tokens:]
+    splice_batches = [pad_rows(token_rows[i:i + 4], tokenizer.pad_token_id or 0, device)
+                      for i in range(0, cfg.splice_rows, 4)]
+    mean = activation_mean(lm, tokenizer, layer, splice_batches) if splice_batches else None
+
+    results = {}
+    for path, (weights, _, info) in saes.items():
+        w = {k: v.to(device) for k, v in weights.items()}
+        params = (w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"], 1e-3)
+        rec, fires = ReconstructionAccumulator(), FiringAccumulator(w["W_enc"].shape[1], device)
+        errors = []
+        with torch.no_grad():
+            for chunk in x.split(4096):
+                out = reference.sae_forward(chunk, *params)
+                rec.update(chunk, out.x_hat)
+                fires.update(out.indices, out.values)
+                errors.append((chunk - out.x_hat).pow(2).sum(-1).cpu())
+        recon, sparsity = rec.result(), fires.result(cfg.dense_threshold)
+        errors = torch.cat(errors).double()
+        worst = errors.topk(max(1, len(errors) // 100)).values
+        result: dict[str, Any] = {
+            "reconstruction": recon._asdict(),
+            "tail_fvu_worst_1pct": float(worst.mean() / recon.variance),
+            "sparsity": {k: v for k, v in sparsity._asdict().items() if not isinstance(v, Tensor)},
+            "density_histogram": {k: (v.tolist() if isinstance(v, Tensor) else v)
+                                  for k, v in sparsity.histogram()._asdict().items()},
+            "heldout_overlaps_training": _overlap(info, start),
+        }
+        if cfg.dark_matter_fit_tokens:
+            fit = LinearResidualFit()
+            with torch.no_grad():
+                for chunk in x_fit.split(4096):
+                    fit.update(chunk, reference.sae_forward(chunk, *params).x_hat)
+                acc = DarkMatterAccumulator(fit.solve())
+                for chunk in x.split(4096):
+                    acc.update(chunk, reference.sae_forward(chunk, *params).x_hat)
+            result["dark_matter"] = acc.result()._asdict()
+        if splice_batches:
+            result["downstream"] = downstream_loss(lm, tokenizer, layer, splice_batches,
+                                                   sae_from_weights(weights, device), mean=mean)._asdict()
+        results[path] = result
+    return {
+        "config": asdict(cfg), "model": model_name, "layer": layer, "dataset": dataset, "context_size": context,
+        "heldout": {"first_example": start, "examples": rows.num_examples - start, "tokens": len(x),
+                    "dark_matter_fit_tokens": len(x_fit), "splice_rows": cfg.splice_rows},
+        "saes": results,
+    }
+
+
+def markdown_table(report: dict[str, Any]) -> str:
+    """One row per SAE: the headline numbers."""
+    head = ("| SAE | L0 | FVU | explained var. | worst-1% FVU | dead | dense | delta CE | recovered (zero) "
+            "| recovered (mean) | KL | dark-matter R^2 | FVU nonlinear |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for path, r in report["saes"].items():
+        down, dm = r.get("downstream", {}), r.get("dark_matter", {})
+
+        def f(value, spec=".3f"):
+            return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+        lines.append(
+            f"| {path} | {r['sparsity']['mean_l0']:.1f} | {f(r['reconstruction']['fvu'])} "
+            f"| {f(r['reconstruction']['explained_variance'])} | {f(r['tail_fvu_worst_1pct'])} "
+            f"| {r['sparsity']['dead_fraction']:.1%} | {r['sparsity']['dense_fraction']:.1%} "
+            f"| {f(down.get('delta_ce'))} | {f(down.get('loss_recovered_zero'))} "
+            f"| {f(down.get('loss_recovered_mean'))} | {f(down.get('kl'))} | {f(dm.get('r2_error'))} "
+            f"| {f(dm.get('fvu_nonlinear'))} |"
+        )
+    h = report["heldout"]
+    lines.append(
+        f"\n{h['tokens']:,} held-out tokens ({h['examples']} examples from #{h['first_example']} of the seeded "
+        f"order, special tokens excluded; dead = no fire in these tokens); delta CE over {h['splice_rows']} rows."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(report: dict[str, Any], out: str) -> Path:
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (folder / "report.md").write_text(markdown_table(report))
+    return folder
