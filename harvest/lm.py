@@ -1,13 +1,11 @@
 """Loading a causal language model for harvesting, and finding its decoder layers."""
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
 from .config import OFFLINE_DEFAULT, ModelConfig
 from .errors import HarvestError
-from .hub import hub_offline
+from .hub import hub_offline, unloadable
 
 
 def resolve_device(device: str) -> torch.device:
@@ -34,15 +32,10 @@ def load_lm(cfg: ModelConfig) -> tuple[nn.Module, object]:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
-        where = (
-            f"the directory {path} holds no loadable config.json"
-            if Path(path).is_dir()
-            else "it is not a local directory and the Hugging Face hub is "
-            + ("offline (HF_HUB_OFFLINE=1)" if offline else "unreachable or has no such model")
-        )
-        raise HarvestError(
-            f"cannot load model {cfg.model!r}: {where}. Pass a local model directory (config.json, weights, "
-            f'tokenizer) or model="{OFFLINE_DEFAULT}" for the bundled Gemma-3 270M.'
+        raise unloadable(
+            "model", cfg.model, path, "config.json", offline,
+            f'Pass a local model directory (config.json, weights, tokenizer) or model="{OFFLINE_DEFAULT}" for the '
+            "bundled Gemma-3 270M.",
         ) from e
     check_layer(cfg, config.get_text_config().num_hidden_layers)
     if config.model_type == "gemma2":
