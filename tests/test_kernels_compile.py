@@ -42,7 +42,7 @@ def compile_all() -> list[str]:
     for half, dot, precision in [("*bf16", tl.bfloat16, "tf32"), ("*fp32", tl.float32, "ieee")]:
         counters = {k: "*i32" for k in ("p_idx", "p_cnt", "p_win", "p_wcnt", "p_fire")}
         rows = {"p_idx": "*i64", "p_cnt": "*i32", "p_w": half}
-        pairs = {k: "*i64" for k in ("p_lat", "p_start", "p_rows", "p_slots")}
+        pairs = {k: "*i64" for k in ("p_lat", "p_orow", "p_start", "p_rows", "p_slots")}
         done += [
             build(jumprelu_encode._jumprelu_encode_kernel, half, {"p_x": half, "p_w": half, **counters},
                   DOT_DTYPE=dot, PRECISION=precision, BLOCK_B=64, BLOCK_F=128, BLOCK_D=64),
