@@ -203,8 +203,8 @@ def check_weight_shapes(weights: dict[str, Tensor], d_in: int, d_sae: int, where
             )
 
 
-def load_training_state(folder: str | Path) -> TrainingState:
-    """Load and validate the resumable state beside an SAE folder."""
+def load_training_info(folder: str | Path) -> dict[str, Any]:
+    """training_state.json of a checkpoint (step, tokens, scale, data position, config), validated; no tensors."""
     folder = Path(folder)
     info = _read_json(folder / STATE_JSON_FILE)
     if info.get("format_version") != FORMAT_VERSION:
@@ -214,6 +214,13 @@ def load_training_state(folder: str | Path) -> TrainingState:
     for key in ("step", "tokens", "scale", "config", "d_in", "d_sae"):
         if key not in info:
             raise CheckpointError(f"{folder / STATE_JSON_FILE} is missing '{key}'")
+    return info
+
+
+def load_training_state(folder: str | Path) -> TrainingState:
+    """Load and validate the resumable state beside an SAE folder."""
+    folder = Path(folder)
+    info = load_training_info(folder)
     tensors = _read_tensors(folder / STATE_TENSORS_FILE)
     params = {name: tensors.get(f"param.{name}") for name in PARAM_NAMES}
     if any(v is None for v in params.values()):

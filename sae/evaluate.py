@@ -86,7 +86,7 @@ def _load(path: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] 
         return weights, {}, None
     folder = p if (p / ckpt.WEIGHTS_FILE).exists() else ckpt.find_checkpoint(p)
     meta = json.loads((folder / ckpt.CFG_FILE).read_text()).get("metadata", {})
-    info = ckpt.load_training_state(folder).info if (folder / ckpt.STATE_JSON_FILE).exists() else None
+    info = ckpt.load_training_info(folder) if (folder / ckpt.STATE_JSON_FILE).exists() else None
     return weights, meta, info
 
 
