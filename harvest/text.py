@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ICD10_DATASET, DataConfig
+from .config import ICD10_DATASET, PYDOC_DATASET, DataConfig
+from .documents import icd10_documents, pydoc_documents
 from .errors import HarvestError
 from .hub import hub_offline
 
@@ -21,9 +22,9 @@ _TEXT_SEED = 0x7E47
 def load_texts(cfg: DataConfig) -> Sequence[str]:
     """The examples of cfg.dataset as an indexable sequence of strings (not read into memory for datasets)."""
     if cfg.dataset == ICD10_DATASET:
-        from .icd10_text import icd10_documents
-
         return icd10_documents(cfg.context_size)
+    if cfg.dataset == PYDOC_DATASET:
+        return pydoc_documents(cfg.context_size)
     offline = hub_offline()  # before the import: datasets reads the switch once, at import
     import datasets
 
