@@ -90,14 +90,18 @@ def _load(path: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] 
     return weights, meta, info
 
 
-def _overlap(info: dict[str, Any] | None, heldout_start: int) -> bool | None:
+def _overlap(info: dict[str, Any] | None, dataset: str, data_seed: int, heldout_start: int) -> bool | None:
     """Whether the run's training text reached the held-out examples; None when it cannot be told.
 
-    The checkpoint's data position is where the current buffer fill began reading; that fill read about as
-    many examples as each earlier one, so the run read up to start * (fills + 1) / fills examples.
+    A run trained on another dataset never saw them. Otherwise the checkpoint's data position is where the
+    current buffer fill began reading; that fill read about as many examples as each earlier one, so the
+    run read up to start * (fills + 1) / fills examples of the same seeded order.
     """
     position = (info or {}).get("data_position")
-    if not position:
+    data = (info or {}).get("config", {}).get("data", {})
+    if data.get("dataset") not in (None, dataset):
+        return False
+    if not position or data.get("data_seed") != data_seed:
         return None
     start, fills = position["fill_start"], position["fill"]
     if start["epoch"] > 0:
@@ -170,7 +174,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
             "sparsity": {k: v for k, v in sparsity._asdict().items() if not isinstance(v, Tensor)},
             "density_histogram": {k: (v.tolist() if isinstance(v, Tensor) else v)
                                   for k, v in sparsity.histogram()._asdict().items()},
-            "heldout_overlaps_training": _overlap(info, start),
+            "heldout_overlaps_training": _overlap(info, dataset, cfg.data_seed, start),
         }
         if cfg.dark_matter_fit_tokens:
             fit = LinearResidualFit()
