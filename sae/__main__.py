@@ -95,7 +95,8 @@ def evaluate(args: argparse.Namespace) -> int:
     cfg = build_config(EvalCommand, given_flags(args, EvalCommand)).eval
     report = run_eval(cfg, args.saes, progress=not args.no_progress)
     folder = write_report(report, cfg.out)
-    print("\n" + markdown_table(report) + f"\nwritten: {folder / 'report.json'}, {folder / 'report.md'}")
+    written = sorted(p.name for p in folder.iterdir() if p.suffix in (".json", ".md", ".png", ".html"))
+    print("\n" + markdown_table(report) + f"\nwritten to {folder}: {', '.join(written)}")
     return 0
 
 

@@ -62,13 +62,16 @@ class EvalConfig:
     """Folder for report.json and report.md."""
     eval_device: str = "auto"
     """Device for the LM and the SAEs: cpu, cuda, or auto."""
+    browser_latents: int = 0
+    """Write browser-<i>.html per SAE (i: its place on the command line) into --out: the top contexts and
+    logit effects of its this many most often firing latents, on the held-out rows. 0 skips it."""
 
     def __post_init__(self) -> None:
         for name in ("heldout_examples", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
-        if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0:
-            raise ConfigError("--dark-matter-fit-tokens and --splice-rows must be >= 0")
+        if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0 or self.browser_latents < 0:
+            raise ConfigError("--dark-matter-fit-tokens, --splice-rows and --browser-latents must be >= 0")
 
 
 @dataclass
@@ -154,7 +157,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
     mean = activation_mean(lm, tokenizer, layer, splice_batches) if splice_batches else None
 
     results = {}
-    for path, (weights, _, info) in saes.items():
+    for i, (path, (weights, _, info)) in enumerate(saes.items()):
         w = {k: v.to(device) for k, v in weights.items()}
         params = (w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"], 1e-3)
         rec, fires = ReconstructionAccumulator(), FiringAccumulator(w["W_enc"].shape[1], device)
@@ -188,6 +191,11 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
         if splice_batches:
             result["downstream"] = downstream_loss(lm, tokenizer, layer, splice_batches,
                                                    sae_from_weights(weights, device), mean=mean)._asdict()
+        if cfg.browser_latents:
+            from sae.browser import write_browser
+
+            result["browser"] = write_browser(Path(cfg.out) / f"browser-{i}.html", lm, tokenizer, layer, w,
+                                              token_rows, cfg.browser_latents, title=path).name
         results[path] = result
     return {
         "config": asdict(cfg), "model": model_name, "layer": layer, "dataset": dataset, "context_size": context,
@@ -229,4 +237,7 @@ def write_report(report: dict[str, Any], out: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (folder / "report.md").write_text(markdown_table(report))
+    from sae.plots import write_plots
+
+    write_plots(report, folder)
     return folder

@@ -1,0 +1,80 @@
+"""PNG figures of an eval report (`sae.evaluate.evaluate`): the trade-off curves and the density histograms.
+
+matplotlib is imported inside `write_plots` with the non-interactive Agg backend, so importing this module
+costs nothing and never needs a display.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+FIGURES = ("explained_variance_vs_l0.png", "delta_ce_vs_l0.png", "density_histogram.png")
+"""The files `write_plots` may write; delta_ce_vs_l0.png only when some SAE has downstream metrics."""
+
+
+def sae_label(path: str) -> str:
+    """A short legend label for an SAE path: its last two components ("runs/a/step_100" -> "a/step_100")."""
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if parts else path
+
+
+def _scatter(plt, points: list[tuple[str, float, float]], ylabel: str, title: str, out: Path) -> Path:
+    """One labelled point per SAE: (label, L0, y)."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, l0, y in points:
+        ax.scatter(l0, y)
+        ax.annotate(label, (l0, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("L0 (mean active latents per token)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
+    """Write the report's figures into `folder` (created if needed) and return their paths.
+
+    - explained_variance_vs_l0.png: one labelled point per SAE.
+    - delta_ce_vs_l0.png: the same with delta CE (nats), only for SAEs with downstream metrics.
+    - density_histogram.png: each SAE's log10 firing-frequency histogram, overlaid; the legend gives
+      each SAE's dead latents, which have no bin (log10 0 = -inf).
+    """
+    saes = report.get("saes") if isinstance(report, dict) else None
+    if not saes:
+        raise ValueError("the report has no SAEs (report['saes'] is missing or empty): nothing to plot; "
+                         "pass the dict returned by sae.evaluate.evaluate with at least one SAE")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    labelled = [(sae_label(path), r) for path, r in saes.items()]
+    written = [_scatter(
+        plt, [(label, r["sparsity"]["mean_l0"], r["reconstruction"]["explained_variance"]) for label, r in labelled],
+        "explained variance (about the mean)", "Explained variance vs L0", folder / FIGURES[0],
+    )]
+    down = [(label, r["sparsity"]["mean_l0"], r["downstream"]["delta_ce"]) for label, r in labelled
+            if r.get("downstream") and r["downstream"].get("delta_ce") is not None]
+    if down:
+        written.append(_scatter(plt, down, "delta CE (nats, spliced - clean)", "Delta CE vs L0", folder / FIGURES[1]))
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, r in labelled:
+        hist = r["density_histogram"]
+        ax.stairs(hist["counts"], hist["edges"], label=f"{label} (dead: {hist['dead']})", alpha=0.8)
+    tokens = report.get("heldout", {}).get("tokens")
+    ax.set_xlabel("log10 firing frequency" + (f" (over {tokens:,} tokens)" if tokens else ""))
+    ax.set_ylabel("latents")
+    ax.set_title("Latent firing density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(folder / FIGURES[2], dpi=100)
+    plt.close(fig)
+    written.append(folder / FIGURES[2])
+    return written
