@@ -49,7 +49,10 @@ class EvalConfig:
     heldout_examples: int = 400
     """How many examples at the end of the first epoch's order are held out for evaluation."""
     eval_tokens: int = 16384
-    """Activations (special tokens excluded) to evaluate reconstruction and sparsity on."""
+    """Activations to evaluate reconstruction and sparsity on."""
+    exclude_special_tokens: bool = True
+    """Leave BOS/EOS/pad positions out of the metrics and the splice (Gemma Scope); --no-exclude-special-tokens
+    includes BOS, as the Salmon paper's numbers did (its huge norm inflates explained variance)."""
     dark_matter_fit_tokens: int = 0
     """Tokens (from the same held-out set, before the scored ones) to fit the linear residual on; at least
     100 * d_in for a stable fit. 0 skips the dark-matter metrics."""
@@ -141,7 +144,8 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
             batch = [row for row, _ in rows.take(min(16, rows.num_examples - rows.position()["index"]))]
             token_rows += batch
             ids, mask = pad_rows(batch, tokenizer.pad_token_id or 0, device)
-            acts = layer_activations(lm, layer, ids, mask)[keep_mask(ids, mask, tokenizer, True)].float()
+            keep = keep_mask(ids, mask, tokenizer, cfg.exclude_special_tokens)
+            acts = layer_activations(lm, layer, ids, mask)[keep].float()
             activations.append(acts)
             n += len(acts)
             bar.update(len(acts))
@@ -154,7 +158,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
     x_fit, x = x_all[: cfg.dark_matter_fit_tokens], x_all[cfg.dark_matter_fit_tokens:]
     splice_batches = [pad_rows(token_rows[i:i + 4], tokenizer.pad_token_id or 0, device)
                       for i in range(0, cfg.splice_rows, 4)]
-    mean = activation_mean(lm, tokenizer, layer, splice_batches) if splice_batches else None
+    mean = activation_mean(lm, tokenizer, layer, splice_batches, cfg.exclude_special_tokens) if splice_batches else None
 
     results = {}
     for i, (path, (weights, _, info)) in enumerate(saes.items()):
@@ -189,8 +193,10 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                     acc.update(chunk, reference.sae_forward(chunk, *params).x_hat)
             result["dark_matter"] = acc.result()._asdict()
         if splice_batches:
-            result["downstream"] = downstream_loss(lm, tokenizer, layer, splice_batches,
-                                                   sae_from_weights(weights, device), mean=mean)._asdict()
+            result["downstream"] = downstream_loss(
+                lm, tokenizer, layer, splice_batches, sae_from_weights(weights, device), mean=mean,
+                exclude_special_tokens=cfg.exclude_special_tokens,
+            )._asdict()
         if cfg.browser_latents:
             from sae.browser import write_browser
 
@@ -227,7 +233,8 @@ def markdown_table(report: dict[str, Any]) -> str:
     h = report["heldout"]
     lines.append(
         f"\n{h['tokens']:,} held-out tokens ({h['examples']} examples from #{h['first_example']} of the seeded "
-        f"order, special tokens excluded; dead = no fire in these tokens); delta CE over {h['splice_rows']} rows."
+        f"order, special tokens {'excluded' if report['config']['exclude_special_tokens'] else 'included'}; "
+        f"dead = no fire in these tokens); delta CE over {h['splice_rows']} rows."
     )
     return "\n".join(lines) + "\n"
 

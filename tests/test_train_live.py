@@ -119,3 +119,18 @@ def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, 
         assert torch.isfinite(torch.tensor(r["downstream"]["delta_ce"]))
         assert r["dark_matter"]["fit_tokens"] == 40
     assert "| SAE |" in (out / "report.md").read_text() and "held-out tokens" in capsys.readouterr().out
+
+
+def test_eval_can_include_special_tokens(tiny_model, text_file, tmp_path):
+    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
+              "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
+              "--init-l0", "16", "--target-l0", "8", "--steps", "2", "--device", "cpu", "--no-progress"]
+    assert main(["train", *common, "--out-dir", str(tmp_path / "a")]) == 0
+    spliced = {}
+    for flag in ("--exclude-special-tokens", "--no-exclude-special-tokens"):
+        out = tmp_path / flag
+        assert main(["eval", str(tmp_path / "a"), "--heldout-examples", "12", "--eval-tokens", "40",
+                     "--splice-rows", "4", "--eval-device", "cpu", "--out", str(out), "--no-progress", flag]) == 0
+        report = json.loads((out / "report.json").read_text())
+        spliced[flag] = report["saes"][str(tmp_path / "a")]["downstream"]["spliced_positions"]
+    assert spliced["--no-exclude-special-tokens"] == spliced["--exclude-special-tokens"] + 4  # + one BOS per row
