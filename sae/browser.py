@@ -1,9 +1,12 @@
 """A static feature browser: each latent's max-activating contexts and output-token effects, in one HTML file.
 
-Two passes over held-out token rows (R rows, T tokens, D d_in, F d_sae, k contexts per latent):
+Three passes over held-out token rows (R rows, T tokens, D d_in, F d_sae, k contexts per latent):
 1. `top_activations` streams the rows through the LM and the SAE, keeping a running top-k per latent
    (memory O(F * k) plus one batch of dense activations [N, F]) and the fire counts.
-2. `latent_pages` re-encodes only the rows that hold a shown context, for the shown latents only, to
+2. `quantile_samples` streams the rows again for the shown latents only, keeping a uniform sample of each
+   one's firings (bottom-k of random keys), from which contexts at evenly spaced activation quantiles are
+   shown beside the top ones.
+3. `latent_pages` re-encodes only the rows that hold a shown context, for the shown latents only, to
    colour every token of each context by that latent's activation.
 `render_html` turns the pages into one self-contained file (inline CSS and JS, no URL, no server).
 """
@@ -49,6 +52,7 @@ class LatentPage(NamedTuple):
     max_activation: float
     contexts: list[Context]
     logit_effects: list[tuple[str, float]]  # (token text, effect), largest first; [] without an unembedding
+    samples: list[Context] = []  # firings across the activation distribution, weakest first
 
 
 def _encode(x: Tensor, weights: dict[str, Tensor], latents: Tensor | None = None) -> Tensor:
@@ -138,12 +142,50 @@ def logit_effects(lm: nn.Module, tokenizer, W_dec: Tensor, latents: list[int], t
     return [list(zip(token_text(tokenizer, ids), vals)) for ids, vals in zip(i.tolist(), v.tolist())]
 
 
+def quantile_samples(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor], rows: list[list[int]],
+                     latents: list[int], per_latent: int = 5, pool: int = 256, seed: int = 0,
+                     batch_rows: int = 8) -> list[list[tuple[float, int, int]]]:
+    """For each latent, `per_latent` firings (activation, row, position) spread over its activation quantiles.
+
+    A uniform sample of up to `pool` firings per latent is kept while streaming (bottom-k of random keys, so
+    memory is O(len(latents) * pool)); the returned firings sit at evenly spaced ranks of that sample sorted by
+    activation, from the weakest to the strongest.
+    """
+    weights = {name: t.float() for name, t in weights.items()}
+    device, M = weights["W_enc"].device, len(latents)
+    sel = torch.tensor(latents, dtype=torch.int64, device=device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.full((pool, M), torch.inf, device=device)
+    vals = torch.zeros((pool, M), device=device)
+    where = torch.zeros((pool, M, 2), dtype=torch.int64, device=device)
+    for row_idx, pos, acts in _batches(lm, tokenizer, layer, rows, list(range(len(rows))), weights, batch_rows, sel):
+        new_keys = torch.rand(acts.shape, generator=generator, device=device).masked_fill(acts <= 0, torch.inf)
+        new_where = torch.stack([row_idx, pos], 1)[:, None, :].expand(-1, M, -1)
+        keys, order = torch.cat([keys, new_keys]).topk(pool, dim=0, largest=False)
+        vals = torch.cat([vals, acts]).gather(0, order)
+        where = torch.cat([where, new_where]).gather(0, order[..., None].expand(-1, -1, 2))
+    out = []
+    for m in range(M):
+        fired = keys[:, m].isfinite()
+        v, w = vals[fired, m], where[fired, m]
+        v, order = v.sort()
+        picks = torch.linspace(0, len(v) - 1, min(per_latent, len(v))).round().long() if len(v) else []
+        out.append([(float(v[i]), int(w[order[i], 0]), int(w[order[i], 1])) for i in picks])
+    return out
+
+
 def latent_pages(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor], rows: list[list[int]],
-                 top: TopActivations, latents: list[int], context: int = 8, batch_rows: int = 8) -> list[LatentPage]:
-    """Pages of the given latents: their top contexts (+-`context` tokens) coloured by activation."""
+                 top: TopActivations, latents: list[int], context: int = 8, batch_rows: int = 8,
+                 samples_per_latent: int = 5) -> list[LatentPage]:
+    """Pages of the given latents: their top contexts and a sample across activation quantiles (+-`context`
+    tokens each), coloured by activation."""
     weights = {name: t.float() for name, t in weights.items()}
     sel = torch.tensor(latents, dtype=torch.int64)
-    needed = sorted({r for r in top.rows[sel][top.values[sel] > 0].tolist()})
+    samples = (
+        quantile_samples(lm, tokenizer, layer, weights, rows, latents, samples_per_latent, batch_rows=batch_rows)
+        if samples_per_latent else [[] for _ in latents]
+    )
+    needed = sorted({r for r in top.rows[sel][top.values[sel] > 0].tolist()} | {r for s in samples for _, r, _ in s})
     # Activation of each shown latent at each kept position of each needed row; 0 elsewhere (specials).
     per_row = {r: torch.zeros(len(rows[r]), len(latents)) for r in needed}
     for row_idx, pos, acts in _batches(lm, tokenizer, layer, rows, needed, weights, batch_rows,
@@ -151,17 +193,17 @@ def latent_pages(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor
         for r, p, a in zip(row_idx.tolist(), pos.tolist(), acts.cpu()):
             per_row[r][p] = a
     effects = logit_effects(lm, tokenizer, weights["W_dec"], latents)
+    def window(col: int, r: int, p: int) -> Context:
+        lo, hi = max(0, p - context), min(len(rows[r]), p + context + 1)
+        return Context(token_text(tokenizer, rows[r][lo:hi]), per_row[r][lo:hi, col].tolist(), p - lo, r, p)
+
     pages = []
     for col, j in enumerate(latents):
-        contexts = []
-        for value, r, p in zip(top.values[j].tolist(), top.rows[j].tolist(), top.positions[j].tolist()):
-            if value <= 0:
-                break
-            lo, hi = max(0, p - context), min(len(rows[r]), p + context + 1)
-            contexts.append(Context(token_text(tokenizer, rows[r][lo:hi]), per_row[r][lo:hi, col].tolist(),
-                                    p - lo, r, p))
+        contexts = [window(col, r, p) for value, r, p in
+                    zip(top.values[j].tolist(), top.rows[j].tolist(), top.positions[j].tolist()) if value > 0]
         density = int(top.fire_counts[j]) / max(top.tokens, 1)
-        pages.append(LatentPage(j, density, max(float(top.values[j, 0]), 0.0), contexts, effects[col]))
+        pages.append(LatentPage(j, density, max(float(top.values[j, 0]), 0.0), contexts, effects[col],
+                                [window(col, r, p) for _, r, p in samples[col]]))
     return pages
 
 
@@ -201,17 +243,25 @@ def _token_html(text: str, activation: float, scale: float, is_max: bool) -> str
             f'title="{activation:.3f}">{html.escape(shown)}</span>')
 
 
+def _context_html(c: Context, scale: float) -> str:
+    return (
+        f'<div class="ctx"><span class="act">{c.activations[c.centre]:.3f}</span>'
+        + "".join(_token_html(t, a, scale, i == c.centre) for i, (t, a) in enumerate(zip(c.tokens, c.activations)))
+        + "</div>"
+    )
+
+
 def render_html(pages: list[LatentPage], title: str = "SAE feature browser", note: str = "") -> str:
     """One self-contained HTML page: latents sortable by density or index, a search box by latent id."""
     sections = []
     for page in pages:
-        ctx_html = "".join(
-            f'<div class="ctx"><span class="act">{c.activations[c.centre]:.3f}</span>'
-            + "".join(_token_html(t, a, page.max_activation, i == c.centre)
-                      for i, (t, a) in enumerate(zip(c.tokens, c.activations)))
-            + "</div>"
-            for c in page.contexts
-        ) or '<div class="meta">never fired on these tokens</div>'
+        ctx_html = "".join(_context_html(c, page.max_activation) for c in page.contexts) or (
+            '<div class="meta">never fired on these tokens</div>'
+        )
+        if page.samples:
+            ctx_html += '<div class="meta">across the activation distribution, weakest first:</div>' + "".join(
+                _context_html(c, page.max_activation) for c in page.samples
+            )
         logits = ""
         if page.logit_effects:
             logits = ('<div class="logits">direct logit effect (W_dec[j] @ W_U^T, no final norm): '

@@ -16,6 +16,7 @@ from harvest.text import TokenRows, load_texts
 from kernels import reference
 from sae.__main__ import main
 from sae.browser import (
+    quantile_samples,
     Context,
     LatentPage,
     latent_pages,
@@ -164,6 +165,7 @@ def test_browser_html_is_self_contained_with_one_section_per_latent(lm, rows, we
     assert parser.sections == [f"latent-{j}" for j in range(4)]
     assert parser.urls == [] and "http://" not in text and "https://" not in text
     assert "<bos>" not in text and "&lt;bos&gt;" in text  # the BOS token's text, escaped in the contexts
+    assert text.count("across the activation distribution") == 3  # latents 1-3 fire; latent 0 never does
 
 
 def test_render_html_escapes_token_text():
@@ -194,3 +196,25 @@ def test_eval_writes_figures_and_browser(lm, tiny_model, text_file, weights, tmp
     for name in (FIGURES[0], FIGURES[2]):
         assert (out / name).read_bytes().startswith(PNG_MAGIC)
     assert not (out / FIGURES[1]).exists()  # no downstream metrics with --splice-rows 0
+
+
+def test_quantile_samples_are_real_firings_spread_over_the_distribution(lm, rows, weights):
+    model, tokenizer = lm
+    acts, row_of, pos_of = _dense(lm, rows, weights)
+    at = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(row_of, pos_of))}
+    fires = (acts > 0).sum(0)
+    latents = [int(fires.argmax()), int((fires > 0).nonzero()[-1]), 0]  # busiest, another firing, never fires
+    scale = acts.abs().max()
+    for pool in (4, 10_000):  # a small pool forces the streaming bottom-k merge to drop candidates
+        samples = quantile_samples(model, tokenizer, LAYER, weights, rows, latents, per_latent=5, pool=pool,
+                                   batch_rows=3)
+        for j, chosen in zip(latents, samples):
+            assert len(chosen) == min(5, int(fires[j]), pool)
+            values = [v for v, _, _ in chosen]
+            assert values == sorted(values)  # weakest first
+            for value, r, p in chosen:  # each is a real firing of latent j, with its activation
+                assert value > 0 and abs(acts[at[r, p], j] - value) <= 1e-5 * scale
+        busiest = torch.sort(acts[:, latents[0]][acts[:, latents[0]] > 0]).values
+        if pool > len(busiest):  # the whole distribution was kept: exact quantiles, extremes included
+            assert samples[0][0][0] == pytest.approx(float(busiest[0]), abs=1e-5 * scale)
+            assert samples[0][-1][0] == pytest.approx(float(busiest[-1]), abs=1e-5 * scale)
