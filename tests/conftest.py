@@ -1,10 +1,18 @@
 """Shared fixtures: a tiny random Gemma-2 saved to disk with a trained BPE tokenizer, and a small JSONL text."""
 
 import json
+import os
 import random
 
 import pytest
 import torch
+from hypothesis import settings
+
+# CI runs the same hypothesis examples every time (a submission lands or not on its own merits); local runs
+# keep exploring new examples, and a failure they find is a bug to fix, not to rerun.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session", autouse=True)
