@@ -204,7 +204,7 @@ def test_quantile_samples_are_real_firings_spread_over_the_distribution(lm, rows
     at = {(int(r), int(p)): i for i, (r, p) in enumerate(zip(row_of, pos_of))}
     fires = (acts > 0).sum(0)
     latents = [int(fires.argmax()), int((fires > 0).nonzero()[-1]), 0]  # busiest, another firing, never fires
-    scale = acts.abs().max()
+    scale = float(acts.abs().max())
     for pool in (4, 10_000):  # a small pool forces the streaming bottom-k merge to drop candidates
         samples = quantile_samples(model, tokenizer, LAYER, weights, rows, latents, per_latent=5, pool=pool,
                                    batch_rows=3)
