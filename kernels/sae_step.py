@@ -100,6 +100,20 @@ class _SAEStep(torch.autograd.Function):
         return d_x, grads.W_enc, grads.b_enc, grads.W_dec, d_b_dec.to(b_dec.dtype), d_theta, *(None,) * 5
 
 
+def encode_sorted(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float,
+    capacity: int | None, window_capacity: int | None, blocks: Blocks,
+) -> tuple[enc.SparseCode, Tensor, Tensor]:
+    """Checked inputs, the fused encode, and each row's active set sorted by value: (code, indices, values)."""
+    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+    launch.check_kernel_tensors(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold)
+    with torch.no_grad():
+        code = enc.jumprelu_encode(x, W_enc, b_enc, b_dec, threshold, bandwidth, capacity, window_capacity,
+                                   blocks.encode)
+        indices, values = _sort_rows(code.indices, code.values, code.counts)
+    return code, indices, values
+
+
 def sae_forward_sparse(
     x: Tensor,
     W_enc: Tensor,
@@ -120,13 +134,9 @@ def sae_forward_sparse(
             row with more makes the encode run once more with exactly enough slots (`reruns` = 1).
         blocks: tile sizes.
     """
-    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
-    launch.check_kernel_tensors(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold)
-    with torch.no_grad():
-        code = enc.jumprelu_encode(
-            x, W_enc, b_enc, b_dec, threshold, bandwidth, capacity, window_capacity, blocks.encode
-        )
-        indices, values = _sort_rows(code.indices, code.values, code.counts)
+    code, indices, values = encode_sorted(
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
+    )
     x_hat, l0 = _SAEStep.apply(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, blocks, code, indices, values)
     return SparseForward(
         x_hat, l0, indices, values.to(x.dtype), code.fire_counts, int(code.window_counts.sum()),

@@ -39,13 +39,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels import jumprelu_encode as enc
 from kernels import latent_grads as lg
-from kernels import launch
 from kernels import sparse_decode as dec
 from kernels import threshold_grad as tg
-from kernels.sae_step import Blocks, _sort_rows
-from kernels.validate import check_sae_inputs
+from kernels.sae_step import Blocks, encode_sorted
 
 SPARSITY_KINDS = ("l0", "target_l0")
 
@@ -116,13 +113,12 @@ def sparse_loss_and_grads(
     The loss's gradients equal autograd's through `kernels.reference.sae_forward` + `sae.objectives.sae_loss`
     (tests/test_sparse_step.py); no parameter's `.grad` is read or written.
     """
-    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
-    launch.check_kernel_tensors(x=x, W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, threshold=threshold)
     if sparsity not in SPARSITY_KINDS:
         raise ValueError(f"unknown sparsity objective {sparsity!r}; use one of {SPARSITY_KINDS}")
+    code, indices, values = encode_sorted(
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
+    )
     (B, D), F = x.shape, W_enc.shape[1]
-    code = enc.jumprelu_encode(x, W_enc, b_enc, b_dec, threshold, bandwidth, capacity, window_capacity, blocks.encode)
-    indices, values = _sort_rows(code.indices, code.values, code.counts)
     x_hat = dec.decode_rows(indices, values, code.counts, W_dec, b_dec, torch.float32, blocks.rows)
 
     diff = x_hat - x.float()
