@@ -78,7 +78,7 @@ class _SAEStep(torch.autograd.Function):
     def backward(ctx, g_x_hat, g_l0):
         x, W_enc, W_dec, b_dec, threshold, indices, values = ctx.saved_tensors
         code, blocks = ctx.code, ctx.blocks
-        (B, D), F = x.shape, W_enc.shape[1]
+        B, F = x.shape[0], W_enc.shape[1]
         g = torch.zeros_like(x, dtype=torch.float32) if g_x_hat is None else g_x_hat.contiguous()
         g_l0 = torch.zeros(B, dtype=torch.float32, device=x.device) if g_l0 is None else g_l0.contiguous()
 
