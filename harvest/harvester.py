@@ -1,59 +1,90 @@
-"""Harvester: an infinite, shuffled, resumable stream of activation batches [B, D] from a live LM.
+"""Harvester: an infinite, shuffled, resumable stream of activation batches from a live LM, no disk.
 
-Buffer semantics: fill a buffer with buffer_tokens activations (special positions dropped) from the token
-rows; deliver it `passes` times, each pass in its own seeded permutation, in batches of batch_size (the
-last buffer_tokens % batch_size tokens of each permutation are dropped; a new permutation drops others);
-then refill from where the text stream stopped. The position is (text position at the start of the
-current fill, fill index, pass index, batch index): resuming re-harvests the current fill, which is
-deterministic, and skips the batches already delivered.
+Activations go straight from the truncated forward into a ring buffer of two halves preallocated on the
+training device (harvest/ring.py). Each half holds one segment of S = buffer_tokens / 2 tokens (rounded
+down to whole batches); the consumer delivers it `passes` times, each pass in its own seeded permutation,
+so with passes = 1 every harvested token is delivered exactly once, and a batch is a uniform sample of S
+tokens from many documents. Meanwhile the next segment is harvested into the other half (in a background
+thread with BufferConfig.overlap).
+
+The position {"segment", "cursor", "pass", "batch"} resumes exactly: the cursor says where the segment's
+tokens come from (harvest/segments.py), the segment is harvested again, and the batches already delivered
+are skipped.
 """
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .activations import keep_mask, layer_activations
 from .config import BufferConfig, DataConfig, ModelConfig
 from .errors import HarvestError
+from .forward import GroupReader
 from .lm import check_layer, load_lm, num_layers
+from .ring import RingProducer
+from .segments import SegmentFiller
 from .text import TokenRows, load_texts
 
 _BUFFER_SEED = 0xB0FF
 """Mixed into the buffer's shuffle seeds, so they never coincide with the example-order seeds."""
 
+_STATE_KEYS = {"segment", "cursor", "pass", "batch"}
+
 
 class Harvester:
-    """Iterate for float32 activation batches [batch_size, d_in] on `device`; state_dict() resumes exactly.
+    """Iterate for float32 activation batches on `device`: [batch_size, d_in] with one captured layer,
+    [batch_size, len(layers), d_in] with several. state_dict() / load_state_dict() resume exactly.
 
-    One iterator at a time: iterating advances this object's position.
+    One iterator at a time: iterating advances this object's position; starting a new iteration (or
+    load_state_dict) stops the previous one's producer.
     """
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, buffer_cfg: BufferConfig,
                  batch_size: int = 1024, device: str | torch.device = "cpu", lm: tuple | None = None,
-                 progress: bool = True):
+                 progress: bool = True, layers: Sequence[int] | None = None):
         """lm: an already loaded (model, tokenizer) for model_cfg, to share one model between harvesters.
-        progress: show a bar while filling the buffer (the slow part on a CPU)."""
+        layers: the decoder layers to capture in one forward (default: model_cfg.layer alone).
+        progress: show a bar while the first segment is harvested (the start-up wait)."""
         if batch_size < 1:
             raise HarvestError(f"batch_size={batch_size} must be at least 1")
-        if buffer_cfg.buffer_tokens < batch_size:
+        half = buffer_cfg.buffer_tokens // 2
+        if half < batch_size:
             raise HarvestError(
-                f"buffer too small for one batch: buffer_tokens={buffer_cfg.buffer_tokens} < batch_size={batch_size}; "
-                "raise buffer_tokens or lower batch_size"
+                f"buffer too small for one batch: buffer_tokens={buffer_cfg.buffer_tokens} is two halves of {half} "
+                f"tokens, and each half must hold a batch of batch_size={batch_size}; raise buffer_tokens to at "
+                f"least {2 * batch_size} or lower batch_size"
             )
         self.model_cfg, self.data_cfg, self.buffer_cfg = model_cfg, data_cfg, buffer_cfg
         self.batch_size, self.device, self.progress = batch_size, torch.device(device), progress
+        self.layers = tuple(layers) if layers else (model_cfg.layer,)
         self.model, self.tokenizer = lm or load_lm(model_cfg)
-        check_layer(model_cfg, num_layers(self.model))
+        check_layer(model_cfg, num_layers(self.model), self.layers)
         self.d_in: int = self.model.config.get_text_config().hidden_size
         self.rows = TokenRows(load_texts(data_cfg), self.tokenizer, data_cfg.context_size, data_cfg.data_seed,
                               data_cfg.max_examples)
-        self.batches_per_pass = buffer_cfg.buffer_tokens // batch_size
-        self._special = set(self.tokenizer.all_special_ids) if data_cfg.exclude_special_tokens else set()
-        self._fill_start, self._fill, self._pass, self._batch = self.rows.position(), 0, 0, 0
+        self.batches_per_pass = half // batch_size
+        self.segment_tokens = self.batches_per_pass * batch_size  # whole batches: no token is ever dropped
+        self.dtype = next(self.model.parameters()).dtype
+        self._ring: torch.Tensor | None = None
+        self._producer: RingProducer | None = None
+        self._segment, self._pass, self._batch = 0, 0, 0
+        self._cursor = {"group_start": self.rows.position(), "skip": 0}
 
-    def metadata(self) -> dict:
+    @property
+    def buffer_bytes(self) -> int:
+        """Device memory of the ring buffer (the forward's own activations and one group's tail come on top)."""
+        return 2 * self.segment_tokens * len(self.layers) * self.d_in * self.dtype.itemsize
+
+    def describe(self) -> str:
+        return (f"activation buffer: 2 x {self.segment_tokens:,} tokens x {len(self.layers)} layer(s) x {self.d_in} x "
+                f"{str(self.dtype).removeprefix('torch.')} = {self.buffer_bytes / 2**20:,.1f} MiB on {self.device}")
+
+    def metadata(self, layer: int | None = None) -> dict:
         """What a checkpoint records about where its activations came from (SAELens-style names)."""
-        layer = self.model_cfg.layer
+        layer = self.layers[0] if layer is None else layer
         return {
             "model_name": self.model_cfg.model,
             "hook_name": f"blocks.{layer}.hook_resid_post",
@@ -66,75 +97,71 @@ class Harvester:
 
     def state_dict(self) -> dict:
         """JSON-able position: a fresh Harvester with the same configs continues from the next batch."""
-        return {"fill_start": dict(self._fill_start), "fill": self._fill, "pass": self._pass, "batch": self._batch}
+        return {"segment": self._segment, "cursor": {"group_start": dict(self._cursor["group_start"]),
+                                                     "skip": self._cursor["skip"]},
+                "pass": self._pass, "batch": self._batch}
 
     def load_state_dict(self, state: dict) -> None:
-        self._fill_start = {"epoch": int(state["fill_start"]["epoch"]), "index": int(state["fill_start"]["index"])}
-        self._fill, self._pass, self._batch = int(state["fill"]), int(state["pass"]), int(state["batch"])
+        if set(state) != _STATE_KEYS:
+            raise HarvestError(
+                f"this data position has keys {sorted(state)}, not {sorted(_STATE_KEYS)}: it was written by another "
+                "version of the harvester and cannot be continued; start a new run"
+            )
+        self.close()
+        self._segment, self._pass, self._batch = int(state["segment"]), int(state["pass"]), int(state["batch"])
+        self._cursor = {"group_start": dict(state["cursor"]["group_start"]), "skip": int(state["cursor"]["skip"])}
+
+    def close(self) -> None:
+        """Stop the background producer, if one runs."""
+        if self._producer is not None:
+            self._producer.stop()
+            self._producer = None
+
+    def _allocate(self) -> torch.Tensor:
+        if self._ring is None:
+            shape = (2, self.segment_tokens, len(self.layers), self.d_in)
+            try:
+                self._ring = torch.empty(shape, dtype=self.dtype, device=self.device)
+            except torch.OutOfMemoryError as err:
+                raise HarvestError(f"cannot allocate the {self.describe()}: lower buffer_tokens") from err
+        return self._ring
 
     def __iter__(self):
-        while True:
-            buffer = self._fill_buffer()
-            fill, perms = self._fill, {}
-            while self._fill == fill:
-                if self._pass not in perms:
-                    rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, fill, self._pass])
-                    perms[self._pass] = torch.from_numpy(rng.permutation(len(buffer))).to(buffer.device)
-                start = self._batch * self.batch_size
-                idx = perms[self._pass][start:start + self.batch_size]
-                self._advance()
-                yield buffer[idx].to(self.device, torch.float32)
+        self.close()
+        reader = GroupReader(self.model, self.tokenizer, self.rows, self.layers, self.buffer_cfg.forward_batch_rows,
+                             self.data_cfg.exclude_special_tokens, self.model_cfg.norm_outlier_factor)
+        bar = tqdm(total=self.segment_tokens, desc=f"harvesting segment {self._segment}", unit="tok", leave=False,
+                   disable=not self.progress)
+        producer = self._producer = RingProducer(
+            self._allocate(), SegmentFiller(reader), self._segment, self._cursor, self.buffer_cfg.overlap, bar.update,
+        )
+        try:
+            while True:
+                segment = producer.wait(self._segment)
+                bar.close()
+                half = self._ring[segment.half]
+                while self._segment == segment.index:
+                    rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, segment.index, self._pass])
+                    perm = torch.from_numpy(rng.permutation(self.segment_tokens)).to(self.device)
+                    pass_ = self._pass
+                    while self._pass == pass_ and self._segment == segment.index:
+                        start = self._batch * self.batch_size
+                        batch = half.index_select(0, perm[start:start + self.batch_size])
+                        batch = batch.to(torch.float32)
+                        self._advance(segment)
+                        if self._segment != segment.index:
+                            producer.release(segment)
+                        yield batch[:, 0] if len(self.layers) == 1 else batch
+        finally:
+            bar.close()
+            producer.stop()
+            if self._producer is producer:
+                self._producer = None
 
-    def _advance(self) -> None:
+    def _advance(self, segment) -> None:
         """Move the position to the next batch, so state_dict() between batches never points at a spent one."""
         self._batch += 1
         if self._batch == self.batches_per_pass:
             self._pass, self._batch = self._pass + 1, 0
         if self._pass == self.buffer_cfg.passes:
-            # The text stream stands where this fill stopped reading (see _fill_buffer).
-            self._fill_start, self._fill, self._pass = self.rows.position(), self._fill + 1, 0
-
-    def _fill_buffer(self) -> torch.Tensor:
-        """buffer_tokens activations [N, D] in the model's dtype, read from the text position of this fill."""
-        n_total = self.buffer_cfg.buffer_tokens
-        self.rows.seek(self._fill_start)
-        param = next(self.model.parameters())
-        buffer = torch.empty(n_total, self.d_in, dtype=param.dtype, device=param.device)
-        n = 0
-        with tqdm(total=n_total, desc=f"harvesting fill {self._fill}", unit="tok", leave=False,
-                  disable=not self.progress) as bar:
-            while n < n_total:
-                input_ids, attention_mask = self._next_rows(n_total - n, param.device)
-                keep = keep_mask(input_ids, attention_mask, self.tokenizer, self.data_cfg.exclude_special_tokens)
-                acts = layer_activations(self.model, self.model_cfg.layer, input_ids, attention_mask)[keep]
-                acts = acts[: n_total - n]
-                buffer[n:n + len(acts)] = acts
-                n += len(acts)
-                bar.update(len(acts))
-        return buffer
-
-    def _next_rows(self, need: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Up to forward_batch_rows rows, no more than `need` kept tokens require, right-padded.
-
-        Rows after the one that completes `need` are handed back to the text stream (by seeking to the
-        position after the last row used), so at most one row's tail is wasted per fill.
-        """
-        rows, kept, empty = [], 0, 0
-        while not rows or (kept < need and len(rows) < self.buffer_cfg.forward_batch_rows):
-            candidates = self.rows.take(self.buffer_cfg.forward_batch_rows - len(rows))
-            for row, position in candidates:
-                n_keep = sum(t not in self._special for t in row)
-                empty = 0 if n_keep else empty + 1
-                if empty > self.rows.num_examples:
-                    raise HarvestError("the dataset yields no tokens to harvest: every example is empty")
-                self.rows.seek(position)
-                if n_keep:  # a row of special tokens only would cost a forward and give nothing
-                    rows.append(row)
-                    kept += n_keep
-                if kept >= need:
-                    break
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        width = max(map(len, rows))
-        input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows], device=device)
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=device)
-        return input_ids, attention_mask
+            self._segment, self._pass, self._cursor = self._segment + 1, 0, segment.end

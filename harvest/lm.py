@@ -45,18 +45,28 @@ def load_lm(cfg: ModelConfig) -> tuple[nn.Module, object]:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise HarvestError(f"cannot load the tokenizer of model {cfg.model!r}: {e}") from e
+    device = resolve_device(cfg.model_device)
     model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=getattr(torch, cfg.model_dtype), local_files_only=offline
+        path, config=config, dtype=resolve_dtype(cfg.model_dtype, device), local_files_only=offline
     )
-    model.to(resolve_device(cfg.model_device)).eval().requires_grad_(False)
+    model.to(device).eval().requires_grad_(False)
     return model, tokenizer
 
 
-def check_layer(cfg: ModelConfig, n_layers: int) -> None:
-    if not 0 <= cfg.layer < n_layers:
-        raise HarvestError(
-            f"layer={cfg.layer} is out of range: {cfg.model!r} has {n_layers} decoder layers; pass 0..{n_layers - 1}"
-        )
+def resolve_dtype(model_dtype: str, device: torch.device) -> torch.dtype:
+    """"auto" is bfloat16 on CUDA (the H100 recipe) and float32 elsewhere."""
+    if model_dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, model_dtype)
+
+
+def check_layer(cfg: ModelConfig, n_layers: int, layers: tuple[int, ...] = ()) -> None:
+    """cfg.layer and any other captured layers exist in a model of n_layers decoder layers."""
+    for layer in (cfg.layer, *layers):
+        if not 0 <= layer < n_layers:
+            raise HarvestError(
+                f"layer={layer} is out of range: {cfg.model!r} has {n_layers} decoder layers; pass 0..{n_layers - 1}"
+            )
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

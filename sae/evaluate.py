@@ -99,9 +99,10 @@ def _load(path: str) -> tuple[dict[str, Tensor], dict[str, Any], dict[str, Any] 
 def _overlap(info: dict[str, Any] | None, dataset: str, data_seed: int, heldout_start: int) -> bool | None:
     """Whether the run's training text reached the held-out examples; None when it cannot be told.
 
-    A run trained on another dataset never saw them. Otherwise the checkpoint's data position is where the
-    current buffer fill began reading; that fill read about as many examples as each earlier one, so the
-    run read up to start * (fills + 1) / fills examples of the same seeded order.
+    A run trained on another dataset never saw them. Otherwise the checkpoint's data position says where
+    the current buffer segment began reading; that segment read about as many examples as each earlier one,
+    so the run read up to start * (segments + 1) / segments examples of the same seeded order. (Positions of
+    the older fill-based harvester, {"fill_start", "fill"}, read the same way.)
     """
     position = (info or {}).get("data_position")
     data = (info or {}).get("config", {}).get("data", {})
@@ -109,7 +110,10 @@ def _overlap(info: dict[str, Any] | None, dataset: str, data_seed: int, heldout_
         return False
     if not position or data.get("data_seed") != data_seed:
         return None
-    start, fills = position["fill_start"], position["fill"]
+    if "cursor" in position:
+        start, fills = position["cursor"]["group_start"], position["segment"]
+    else:
+        start, fills = position["fill_start"], position["fill"]
     if start["epoch"] > 0:
         return True
     if fills == 0:

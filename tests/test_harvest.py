@@ -2,23 +2,27 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from harvest import BufferConfig, DataConfig, Harvester, ModelConfig, load_lm
-from harvest.activations import keep_mask, layer_activations
+from harvest.activations import keep_mask, layer_activations, norm_outliers
 from harvest.errors import HarvestError
+from harvest.forward import GroupReader
 from harvest.lm import decoder_layers, num_layers
 from harvest.text import TokenRows, load_texts
 
 from tests.conftest import N_LAYERS
 
 
-def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, **buffer):
+def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, max_examples=12, layers=None,
+         norm_outlier_factor=None, **buffer):
     buffer_cfg = BufferConfig(**{"buffer_tokens": 64, "forward_batch_rows": 4, "passes": 1, **buffer})
-    data_cfg = DataConfig(dataset=text_file, context_size=16, max_examples=12,
+    data_cfg = DataConfig(dataset=text_file, context_size=16, max_examples=max_examples,
                           exclude_special_tokens=exclude_special_tokens)
-    return Harvester(ModelConfig(model=tiny_model, layer=layer), data_cfg, buffer_cfg, batch_size=batch_size)
+    model_cfg = ModelConfig(model=tiny_model, layer=layer, norm_outlier_factor=norm_outlier_factor)
+    return Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=batch_size, layers=layers, progress=False)
 
 
 def take(iterator, n):
@@ -101,36 +105,142 @@ def test_batches_are_shuffled_activations_of_the_text(tiny_model, text_file):
     assert not torch.equal(first, reference[:16])
 
 
-def test_fills_read_consecutive_rows(tiny_model, text_file):
-    h = make(tiny_model, text_file)  # 64 tokens a fill
-    rows = h.rows.take(12)
-    special = set(h.tokenizer.all_special_ids)
-    kept = torch.tensor([sum(t not in special for t in row) for row, _ in rows]).cumsum(0)
-    last = int((kept < 64).sum())  # the row that completes the first fill
-    iterator = iter(h)
-    take(iterator, 4)
-    assert h.state_dict()["fill_start"] == rows[last][1]  # fill 1 starts right after that row
-    fill1 = take(iterator, 4)
-    h.rows.seek(rows[last][1])
-    ids, mask, keep = padded_batch(h, 6)
-    reference = layer_activations(h.model, 2, ids, mask)[keep]
-    assert_drawn_from(torch.cat(fill1), reference)  # fill 1 is harvested from the rows after fill 0
+def reference_stream(h, n_tokens, layers=(2,)):
+    """The first n_tokens harvested activations in document order, [n, L, D], from the same forward groups."""
+    rows = TokenRows(load_texts(h.data_cfg), h.tokenizer, h.data_cfg.context_size, h.data_cfg.data_seed,
+                     h.data_cfg.max_examples)
+    reader = GroupReader(h.model, h.tokenizer, rows, list(layers), h.buffer_cfg.forward_batch_rows,
+                         h.data_cfg.exclude_special_tokens, h.model_cfg.norm_outlier_factor)
+    groups, n = [], 0
+    while n < n_tokens:
+        groups.append(reader.next_group().acts)
+        n += len(groups[-1])
+    return torch.cat(groups)[:n_tokens]
 
 
-@pytest.mark.parametrize("passes,stop", [(1, 3), (1, 4), (1, 11), (2, 5), (2, 8), (2, 13)])
-def test_resume_continues_the_identical_stream(tiny_model, text_file, passes, stop):
-    # 4 batches per fill; 12 examples of at most 15 kept tokens each, so an epoch ends inside the third fill.
-    total = 20 if passes == 2 else 14
+def sorted_rows(x):
+    """The rows of x [N, D] in lexicographic order: equal as multisets iff equal after this."""
+    order = np.lexsort(x.numpy().T[::-1])
+    return x[torch.from_numpy(order)]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_every_token_delivered_exactly_once_per_pass(tiny_model, text_file, overlap):
+    h = make(tiny_model, text_file, buffer_tokens=100, batch_size=16, overlap=overlap)  # halves of 48 = 3 batches
+    assert h.segment_tokens == 48 and h.batches_per_pass == 3
+    batches = take(iter(h), 5 * 3)  # five segments, crossing forward groups and epochs (12 examples, ~100 tokens)
+    reference = reference_stream(h, 5 * 48)[:, 0]
+    for k in range(5):
+        delivered = torch.cat(batches[3 * k:3 * k + 3])
+        assert torch.equal(sorted_rows(delivered), sorted_rows(reference[48 * k:48 * (k + 1)]))
+    h.close()
+
+
+def test_consecutive_batches_are_not_in_document_order(tiny_model, text_file):
+    h = make(tiny_model, text_file, buffer_tokens=2 * 320, batch_size=16, max_examples=None)
+    delivered = torch.cat(take(iter(h), 20))  # one segment of 320 tokens from ~30 documents
+    reference = reference_stream(h, 320)[:, 0]
+    source = assert_drawn_from(delivered, reference).double()
+    rank = source.argsort().argsort().double()
+    spearman = torch.corrcoef(torch.stack([torch.arange(320.0, dtype=torch.float64), rank]))[0, 1]
+    adjacent = ((source[1:] - source[:-1]).abs() == 1).double().mean()
+    # In document order both would be ~1; a uniform shuffle gives |rho| ~ 1/sqrt(320) and ~2/320 adjacent pairs.
+    assert abs(spearman) < 0.2, spearman
+    assert adjacent < 0.05, adjacent
+    h.close()
+
+
+def test_overlap_gives_the_same_batches(tiny_model, text_file):
+    inline = take(iter(make(tiny_model, text_file, overlap=False)), 12)
+    threaded = make(tiny_model, text_file, overlap=True)
+    assert all(torch.equal(a, b) for a, b in zip(inline, take(iter(threaded), 12)))
+    threaded.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("passes,stop", [(1, 1), (1, 2), (1, 7), (2, 3), (2, 4), (2, 9)])
+def test_resume_continues_the_identical_stream(tiny_model, text_file, passes, stop, overlap):
+    # 2 batches per segment; 12 examples of at most 15 kept tokens each, so epochs end inside segments, and
+    # segment boundaries fall inside forward groups (the cursor then skips part of a group).
+    total = 16 if passes == 2 else 12
     reference = take(iter(make(tiny_model, text_file, passes=passes)), total)
-    h = make(tiny_model, text_file, passes=passes)
+    h = make(tiny_model, text_file, passes=passes, overlap=overlap)
     first = take(iter(h), stop)
     assert all(torch.equal(a, b) for a, b in zip(first, reference))
     state = json.loads(json.dumps(h.state_dict()))
-    resumed = make(tiny_model, text_file, passes=passes)
+    h.close()
+    resumed = make(tiny_model, text_file, passes=passes, overlap=overlap)
     resumed.load_state_dict(state)
     rest = take(iter(resumed), total - stop)
+    resumed.close()
     assert all(torch.equal(a, b) for a, b in zip(rest, reference[stop:]))
-    assert not torch.equal(reference[0], reference[4])  # a new fill, or a new permutation of the same one
+    assert not torch.equal(reference[0], reference[2])  # a new segment, or a new permutation of the same one
+
+
+def test_segment_boundaries_inside_forward_groups(tiny_model, text_file):
+    h = make(tiny_model, text_file)
+    iterator = iter(h)
+    skips = []
+    for _ in range(6):
+        take(iterator, 2)
+        skips.append(h.state_dict()["cursor"]["skip"])
+    h.close()
+    assert any(skips), "the test data should put segment boundaries inside forward groups"
+
+
+def test_several_layers_from_one_forward(tiny_model, text_file):
+    both = make(tiny_model, text_file, layers=(3, 1))
+    assert both.describe().startswith("activation buffer: 2 x 32 tokens x 2 layer(s) x 32 x float32")
+    batches = take(iter(both), 3)
+    assert batches[0].shape == (16, 2, 32)
+    assert both.buffer_bytes == both._ring.numel() * 4
+    for index, layer in enumerate((3, 1)):
+        single = take(iter(make(tiny_model, text_file, layer=layer)), 3)
+        assert all(torch.equal(b[:, index], s) for b, s in zip(batches, single))
+    both.close()
+
+
+def test_norm_outliers():
+    acts = torch.ones(10, 2, 4)
+    acts[3, 1] *= 20  # an outlier at the second layer only
+    acts[7] *= 5
+    assert norm_outliers(acts, 10.0).tolist() == [i == 3 for i in range(10)]
+    assert norm_outliers(acts, 4.0).tolist() == [i in (3, 7) for i in range(10)]
+
+
+def test_outlier_tokens_are_dropped(tiny_model, text_file):
+    h = make(tiny_model, text_file, norm_outlier_factor=1.3, exclude_special_tokens=False)
+    everything = make(tiny_model, text_file, exclude_special_tokens=False)
+    group = GroupReader(h.model, h.tokenizer, everything.rows, [2], 4, exclude_special_tokens=False).next_group()
+    norms = group.acts[:, 0].norm(dim=1)
+    outlier = norms > 1.3 * norms.median()
+    assert 0 < outlier.sum() < len(norms), "the test needs some outliers in the first group, not all"
+    kept = reference_stream(h, int((~outlier).sum()))[:, 0]
+    assert torch.equal(kept, group.acts[~outlier, 0])
+    assert_drawn_from(torch.cat(take(iter(h), 2)), reference_stream(h, 64)[:, 0])
+    h.close()
+
+
+def test_producer_errors_reach_the_consumer(tiny_model, text_file):
+    h = make(tiny_model, text_file, overlap=True)
+    take_rows, calls = h.rows.take, []
+
+    def failing(n):
+        calls.append(n)
+        if len(calls) > 6:
+            raise HarvestError("the text source broke")
+        return take_rows(n)
+
+    h.rows.take = failing
+    with pytest.raises(HarvestError, match="the text source broke"):
+        take(iter(h), 50)
+    h.close()
+
+
+def test_a_position_of_another_harvester_version_is_refused(tiny_model, text_file):
+    h = make(tiny_model, text_file)
+    with pytest.raises(HarvestError, match="another version of the harvester"):
+        h.load_state_dict({"fill_start": {"epoch": 0, "index": 0}, "fill": 0, "pass": 0, "batch": 0})
 
 
 def test_token_rows_epochs_and_position(tiny_model, text_file):
