@@ -3,6 +3,8 @@
     python -m sae train                       # the embedded offline default: Gemma-3 270M, ICD-10-CM text
     python -m sae train --resume runs/default # continue an interrupted run where its last checkpoint left off
     python -m sae train --help                # every setting, grouped by section, with its default
+    python -m sae sweep --grid target_l0=16,32 --grid layer=6,12   # four SAEs from one harvest
+    python -m sae eval runs/default           # held-out metrics, delta CE, dark matter, feature browser
 """
 
 from __future__ import annotations
@@ -34,6 +36,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars (log lines still go to metrics.jsonl)")
     add_config_arguments(train, TrainConfig)
+    sweep = commands.add_parser(
+        "sweep",
+        help="train several SAEs (layers, widths, L0 targets, ...) from one harvest: one LM forward per batch",
+        description=(
+            "Train one SAE per combination of the --grid values, all from the same harvested batches (the "
+            "language model runs once and captures every layer needed). Each member writes its own run folder "
+            "OUT_DIR/FIELD=VALUE_... with the usual checkpoints; OUT_DIR/sweep.json records the grid."
+        ),
+    )
+    sweep.add_argument(
+        "--grid", action="append", default=[], metavar="FIELD=V1,V2",
+        help="a field and its values, e.g. target_l0=16,32 (repeatable: the sweep is every combination). "
+        "Sweepable: layer, seed and the fields of the sae, objective and optim sections except batch_size",
+    )
+    sweep.add_argument("--resume", metavar="OUT_DIR", default=None,
+                       help="continue a sweep from its folder (every member from its latest checkpoint)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_arguments(sweep, TrainConfig)
     evaluate = commands.add_parser(
         "eval",
         help="compare SAEs side by side on held-out tokens (explained variance, L0, dead latents, delta CE, ...)",
@@ -67,6 +87,7 @@ def train(args: argparse.Namespace) -> int:
         cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, device=str(device),
         progress=not args.no_progress,
     )
+    print(source.describe())
     trainer = Trainer(cfg, source, metadata=source.metadata(), resume=args.resume, progress=not args.no_progress)
     print(
         f"SAE d_in={trainer.model.d_in} d_sae={trainer.model.d_sae}, {cfg.objective.sparsity} objective, "
@@ -77,6 +98,8 @@ def train(args: argparse.Namespace) -> int:
         summary = trainer.fit()
     except KeyboardInterrupt:
         return 130
+    finally:
+        source.close()
     print(
         f"\ndone: {summary.step} steps, {summary.tokens:,} tokens\n"
         f"  checkpoint          {summary.checkpoint}\n"
@@ -85,6 +108,33 @@ def train(args: argparse.Namespace) -> int:
         f"  dead latents        {summary.dead_fraction:.1%} (no fire in the last {summary.dead_window_tokens:,} tokens)\n"
         f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
     )
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    from sae.sweep import Sweep, parse_grid
+
+    overrides = given_flags(args, TrainConfig)
+    if args.resume is not None:
+        base, saved_grid = Sweep.load_spec(args.resume)
+        if args.grid:
+            raise ConfigError("--grid cannot change on --resume: the sweep keeps the grid in its sweep.json")
+        grid = saved_grid
+    else:
+        base, grid = None, parse_grid(args.grid)
+        overrides.setdefault("run", {}).setdefault("out_dir", "runs/sweep")
+    cfg = build_config(TrainConfig, overrides, base)
+    run = Sweep(cfg, grid, resume=args.resume is not None, progress=not args.no_progress)
+    print(f"saekit sweep: {len(run.trainers)} SAEs from one harvest of {cfg.model.model} layers "
+          f"{sorted(run.harvester.layers)}; {run.harvester.describe()}")
+    try:
+        summaries = run.fit()
+    except KeyboardInterrupt:
+        return 130
+    print(f"\ndone: {summaries[0].step} steps, {summaries[0].tokens:,} tokens each")
+    for (name, _), summary in zip(run.members, summaries):
+        print(f"  {name:<40} L0 {summary.l0:6.1f}  EV {summary.explained_variance:.3f}  "
+              f"dead {summary.dead_fraction:.1%}  {summary.checkpoint}")
     return 0
 
 
@@ -108,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return train(args)
+        if args.command == "sweep":
+            return sweep(args)
         if args.command == "eval":
             return evaluate(args)
     except (ConfigError, CheckpointError, HarvestError) as err:

@@ -99,6 +99,8 @@ class Trainer:
         self.scale = 1.0
         self.data_position: Any = None
         self.last_logged: dict[str, Any] = {}
+        self._window: list[StepStats] | None = None  # steps since the last log line (None: none yet)
+        self._t0, self._tokens0 = 0.0, 0
         state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
         if state is None and ckpt.has_checkpoints(self.out_dir):
             raise ckpt.CheckpointError(
@@ -129,6 +131,7 @@ class Trainer:
             self._restore(state)
         else:
             self._initialise()
+        self._saved_step = self.step
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -287,42 +290,55 @@ class Trainer:
 
     def fit(self) -> TrainSummary:
         """Train until cfg.run.steps; checkpoint periodically, at the end and on Ctrl-C."""
-        cfg = self.cfg
-        bar = tqdm(total=cfg.run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True)
-        window: list[StepStats] = []
-        t0, tokens0 = time.perf_counter(), self.tokens
-        saved_step = self.step
+        bar = tqdm(total=self.cfg.run.steps, initial=self.step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
         try:
-            while self.step < cfg.run.steps:
-                x, position = self.batches.next()
-                x = x.to(self.device, torch.float32, non_blocking=True) * self.scale
-                stats = self.train_step(x)
-                self.step += 1
-                self.tokens += x.shape[0]
-                self.data_position = position
-                window.append(stats)
-                done = self.step == cfg.run.steps
-                if self.step % cfg.run.log_every == 0 or done:
-                    now = time.perf_counter()
-                    tokens_per_s = (self.tokens - tokens0) / max(now - t0, 1e-9)
-                    self._log(window, tokens_per_s)
-                    bar.set_postfix(
-                        {"tok/s": f"{tokens_per_s:,.0f}", "loss": f"{stats.loss:.4g}", "L0": f"{stats.l0:.1f}",
-                         "EV": f"{stats.explained_variance:.3f}"}, refresh=False,
-                    )
-                    window, t0, tokens0 = [], now, self.tokens
+            while not self.done:
+                stats = self.fit_step()
+                if self.step % self.cfg.run.log_every == 0 or self.done:
+                    bar.set_postfix(self.postfix(stats), refresh=False)
                 bar.update(1)
-                if self.step % cfg.run.checkpoint_every == 0 or done:
-                    self.save_checkpoint()
-                    saved_step = self.step
         except KeyboardInterrupt:
-            if self.step > saved_step:
-                path = self.save_checkpoint()
+            path = self.save_if_unsaved()
+            if path is not None:
                 bar.write(f"interrupted at step {self.step}; saved {path}. Continue with --resume {self.out_dir}")
             raise
         finally:
             bar.close()
         return self.summary()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.cfg.run.steps
+
+    def fit_step(self) -> StepStats:
+        """One step of the loop: the next batch, train_step, the log line and the checkpoint when due."""
+        cfg = self.cfg
+        if self._window is None:
+            self._window, self._t0, self._tokens0 = [], time.perf_counter(), self.tokens
+        x, position = self.batches.next()
+        x = x.to(self.device, torch.float32, non_blocking=True) * self.scale
+        stats = self.train_step(x)
+        self.step += 1
+        self.tokens += x.shape[0]
+        self.data_position = position
+        self._window.append(stats)
+        if self.step % cfg.run.log_every == 0 or self.done:
+            now = time.perf_counter()
+            self._log(self._window, (self.tokens - self._tokens0) / max(now - self._t0, 1e-9))
+            self._window, self._t0, self._tokens0 = [], now, self.tokens
+        if self.step % cfg.run.checkpoint_every == 0 or self.done:
+            self.save_checkpoint()
+        return stats
+
+    def postfix(self, stats: StepStats) -> dict[str, str]:
+        """The progress bar's figures after a logged step."""
+        return {"tok/s": f"{self.last_logged.get('tokens_per_s', 0.0):,.0f}", "loss": f"{stats.loss:.4g}",
+                "L0": f"{stats.l0:.1f}", "EV": f"{stats.explained_variance:.3f}"}
+
+    def save_if_unsaved(self) -> Path | None:
+        """Checkpoint the steps taken since the last checkpoint (on Ctrl-C); None when there are none."""
+        return self.save_checkpoint() if self.step > self._saved_step else None
 
     def _log(self, window: list[StepStats], tokens_per_s: float) -> None:
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
@@ -338,6 +354,7 @@ class Trainer:
     # -- saving ------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        self._saved_step = self.step
         model = self.model
         if self.sparse_step:
             opt_tensors = {f"lazy_adam.{k}": v for k, v in self.optimizer.state_dict().items()}

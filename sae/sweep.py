@@ -1,0 +1,153 @@
+"""A sweep: several SAEs (layers, widths, sparsity targets, learning rates ...) trained from one harvest.
+
+The language model runs once per batch and captures every layer the members need; each member is a
+normal Trainer with its own run folder under the sweep's out_dir, fed its layer's slice of the shared
+batch (sae/fanout.py). All members take the same steps on the same tokens and checkpoint together, so
+the sweep resumes as one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import typing
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from sae.config import TrainConfig
+from sae.config_cli import _base_type, _parse_optional
+from sae.errors import ConfigError
+from sae.fanout import Fanout
+
+SWEEP_FILE = "sweep.json"
+_SWEEPABLE_SECTIONS = ("sae", "objective", "optim")
+_NOT_SWEEPABLE = {"batch_size"}  # one stream of batches feeds every member
+_EXTRA_SWEEPABLE = {"layer": "model", "seed": "run"}
+
+
+def _field_types() -> dict[str, tuple[str, Any]]:
+    """{field: (section, parser)} of every field a grid may vary."""
+    hints = typing.get_type_hints(TrainConfig)
+    out = {}
+    for section in dataclasses.fields(TrainConfig):
+        section_hints = typing.get_type_hints(hints[section.name])
+        for f in dataclasses.fields(hints[section.name]):
+            if (section.name in _SWEEPABLE_SECTIONS and f.name not in _NOT_SWEEPABLE) or \
+                    _EXTRA_SWEEPABLE.get(f.name) == section.name:
+                kind, optional = _base_type(section_hints[f.name])
+                parse = _parse_bool if kind is bool else (_parse_optional(kind) if optional else kind)
+                out[f.name] = (section.name, parse)
+    return out
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """["target_l0=16,32", "layer=6,12"] -> {"target_l0": [16.0, 32.0], "layer": [6, 12]}."""
+    types_ = _field_types()
+    grid: dict[str, list] = {}
+    for spec in specs:
+        name, sep, values = spec.partition("=")
+        name = name.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise ConfigError(f"--grid {spec!r}: write FIELD=V1,V2,... e.g. --grid target_l0=16,32")
+        if name not in types_:
+            raise ConfigError(
+                f"--grid {name}: not a field a sweep can vary (one harvest feeds every member, so the model, data, "
+                f"buffer, batch size and steps are shared); sweepable: {', '.join(sorted(types_))}"
+            )
+        if name in grid:
+            raise ConfigError(f"--grid {name} is given twice; list all its values in one --grid")
+        try:
+            grid[name] = [types_[name][1](v.strip()) for v in values.split(",")]
+        except ValueError as err:
+            raise ConfigError(f"--grid {spec!r}: {err}") from err
+        if len(set(map(repr, grid[name]))) != len(grid[name]):
+            raise ConfigError(f"--grid {spec!r} repeats a value")
+    if not grid:
+        raise ConfigError("a sweep needs at least one --grid FIELD=V1,V2,...")
+    return grid
+
+
+def members(base: TrainConfig, grid: dict[str, list]) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of every combination, each writing to base.run.out_dir / name."""
+    types_ = _field_types()
+    out = []
+    for values in itertools.product(*grid.values()):
+        data = base.to_dict()
+        for name, value in zip(grid, values):
+            data[types_[name][0]][name] = value
+        label = "_".join(f"{name}={value}" for name, value in zip(grid, values))
+        data["run"]["out_dir"] = str(Path(base.run.out_dir) / label)
+        out.append((label, TrainConfig.from_dict(data)))
+    return out
+
+
+class Sweep:
+    def __init__(self, base: TrainConfig, grid: dict[str, list], resume: bool = False, progress: bool = True):
+        from harvest import Harvester
+        from harvest.lm import resolve_device
+        from sae.trainer import Trainer
+
+        self.base, self.grid, self.progress = base, grid, progress
+        self.out_dir = Path(base.run.out_dir)
+        self.members = members(base, grid)
+        layers = list(dict.fromkeys(cfg.model.layer for _, cfg in self.members))
+        device = resolve_device(base.run.device)
+        self.harvester = Harvester(base.model, base.data, base.buffer, batch_size=base.optim.batch_size,
+                                   device=str(device), layers=layers, progress=progress)
+        fanout = Fanout(self.harvester, len(self.members))
+        self.trainers = []
+        for k, (name, cfg) in enumerate(self.members):
+            i = layers.index(cfg.model.layer)
+            select = (lambda x: x) if len(layers) == 1 else (lambda x, i=i: x[:, i])
+            view = fanout.view(k, select, d_in=self.harvester.d_in)
+            self.trainers.append(Trainer(cfg, view, metadata=self.harvester.metadata(cfg.model.layer),
+                                         resume=cfg.run.out_dir if resume else None, progress=False))
+        steps = {t.step for t in self.trainers}
+        if len(steps) > 1:
+            raise ConfigError(f"the sweep's members were saved at different steps {sorted(steps)}; resume them one "
+                              "by one with python -m sae train --resume")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / SWEEP_FILE).write_text(json.dumps(
+            {"grid": grid, "config": base.to_dict(), "members": [name for name, _ in self.members]}, indent=2))
+
+    @staticmethod
+    def load_spec(folder: str | Path) -> tuple[dict, dict[str, list]]:
+        """(base config dict, grid) of the sweep in `folder`, for --resume."""
+        path = Path(folder) / SWEEP_FILE
+        if not path.is_file():
+            raise ConfigError(f"{folder} holds no {SWEEP_FILE}: pass the out_dir of a python -m sae sweep run")
+        spec = json.loads(path.read_text())
+        return spec["config"], spec["grid"]
+
+    def fit(self) -> list:
+        """Train every member to the end; on Ctrl-C, checkpoint them all before re-raising."""
+        trainers = self.trainers
+        bar = tqdm(total=self.base.run.steps, initial=trainers[0].step, unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        try:
+            while not trainers[0].done:
+                stats = [t.fit_step() for t in trainers]
+                if trainers[0].step % self.base.run.log_every == 0 or trainers[0].done:
+                    tokens_per_s = trainers[-1].last_logged.get("tokens_per_s", 0.0)
+                    bar.set_postfix({"tok/s": f"{tokens_per_s:,.0f}",
+                                     "L0": "/".join(f"{s.l0:.0f}" for s in stats)}, refresh=False)
+                bar.update(1)
+        except KeyboardInterrupt:
+            saved = [t.save_if_unsaved() for t in trainers]
+            if any(saved):
+                bar.write(f"interrupted at step {trainers[0].step}; saved every member. Continue with "
+                          f"python -m sae sweep --resume {self.out_dir}")
+            raise
+        finally:
+            bar.close()
+            self.harvester.close()
+        return [t.summary() for t in trainers]
