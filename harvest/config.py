@@ -18,6 +18,12 @@ ICD10_DATASET = "icd10-cm"
 PYDOC_DATASET = "pydoc-prose"
 """Dataset name that resolves to general English prose shipped with Python (`pydoc_data.topics`)."""
 
+MEDICAL_QA_DATASET = "medical-qa"
+"""Dataset name that resolves to the medical QA mixture of the Salmon experiment (harvest/medical_qa.py): six
+openlifescienceai hub datasets, each example formatted as question, options, correct option, explanation."""
+
+PRESET_DATASETS = (ICD10_DATASET, PYDOC_DATASET, MEDICAL_QA_DATASET)
+
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
@@ -57,20 +63,33 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     dataset: str = ICD10_DATASET
-    """Text: "icd10-cm" (offline default, medical), "pydoc-prose" (offline, general English prose), local files (comma-separated, globs, a directory; json, jsonl, parquet,
-    csv, txt) or a hub dataset name."""
+    """Text: "icd10-cm" (offline default, medical), "pydoc-prose" (offline, general English prose), "medical-qa"
+    (the six openlifescienceai medical QA datasets of the Salmon experiment, from the hub or --data-dir), local
+    files (comma-separated, globs, a directory; json, jsonl, parquet, csv, txt) or a hub dataset name."""
     dataset_config: str | None = None
     """Config name of a hub dataset that has several; None for the default."""
     split: str = "train"
-    """Dataset split to read."""
+    """Dataset split to read (medical-qa fixes its own splits and ignores this)."""
     text_field: str = "text"
-    """Column holding the text (a txt file gives the column "text")."""
+    """Column holding the text (a txt file gives the column "text"; medical-qa formats its own text)."""
     context_size: int = 128
-    """Tokens per row including the BOS; longer examples are truncated, one example per row."""
+    """Tokens per row including the BOS; without packing, longer examples are truncated, one example per row."""
+    packing: bool = False
+    """Concatenate examples into full rows of context_size tokens instead of one example per row; each row
+    starts with BOS and examples are separated by EOS, never by a BOS mid-row."""
+    streaming: bool = False
+    """Read the dataset as a stream (datasets streaming=True): no download of the whole dataset, no random
+    access; the example order is the stream's order shuffled through a seeded buffer of shuffle_buffer examples."""
+    shuffle_buffer: int = 10000
+    """Examples held in the seeded shuffle buffer of a streamed dataset (streaming only; more mixes better)."""
+    data_dir: str | None = None
+    """Folder holding local copies of a preset's hub datasets, one sub-folder per dataset named after its repo
+    (e.g. medqa/) with json/jsonl/parquet files; None loads them from the hub."""
     exclude_special_tokens: bool = True
     """Drop BOS, EOS and pad positions from the activations (Gemma Scope); False keeps BOS (the Salmon setup)."""
     max_examples: int | None = None
-    """Use only the first N examples after the seeded shuffle (quick runs); None uses all."""
+    """Use only the first N examples after the seeded shuffle (quick runs); None uses all. A stream uses the
+    first N examples of its file order, reshuffled each epoch."""
     data_seed: int = 0
     """Seeds the example order of every epoch and the buffer shuffle."""
 
@@ -83,6 +102,17 @@ class DataConfig:
             raise HarvestError(f"context_size={self.context_size} leaves no room after the BOS: pass 2 or more")
         if self.max_examples is not None and self.max_examples < 1:
             raise HarvestError(f"max_examples={self.max_examples}: pass a positive count, or None for all examples")
+        if self.shuffle_buffer < 1:
+            raise HarvestError(f"shuffle_buffer={self.shuffle_buffer}: pass a positive number of examples")
+        if self.streaming and self.dataset in PRESET_DATASETS:
+            raise HarvestError(
+                f'dataset="{self.dataset}" is a built-in preset read in full, not a stream: set streaming False '
+                "(streaming reads hub datasets or local files)"
+            )
+        if self.data_dir is not None and self.dataset != MEDICAL_QA_DATASET:
+            raise HarvestError(
+                f'data_dir is read only by dataset="{MEDICAL_QA_DATASET}": unset it, or pass local files as dataset'
+            )
 
 
 @dataclass

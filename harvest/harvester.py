@@ -26,7 +26,7 @@ from .forward import GroupReader
 from .lm import check_layer, load_lm, num_layers
 from .ring import RingProducer
 from .segments import SegmentFiller
-from .text import TokenRows, load_texts
+from .text import token_rows
 
 _BUFFER_SEED = 0xB0FF
 """Mixed into the buffer's shuffle seeds, so they never coincide with the example-order seeds."""
@@ -63,8 +63,7 @@ class Harvester:
         self.model, self.tokenizer = lm or load_lm(model_cfg)
         check_layer(model_cfg, num_layers(self.model), self.layers)
         self.d_in: int = self.model.config.get_text_config().hidden_size
-        self.rows = TokenRows(load_texts(data_cfg), self.tokenizer, data_cfg.context_size, data_cfg.data_seed,
-                              data_cfg.max_examples)
+        self.rows = token_rows(data_cfg, self.tokenizer)  # tokenised ahead in a background thread
         self.batches_per_pass = half // batch_size
         self.segment_tokens = self.batches_per_pass * batch_size  # whole batches: no token is ever dropped
         self.dtype = next(self.model.parameters()).dtype
@@ -112,10 +111,11 @@ class Harvester:
         self._cursor = {"group_start": dict(state["cursor"]["group_start"]), "skip": int(state["cursor"]["skip"])}
 
     def close(self) -> None:
-        """Stop the background producer, if one runs."""
+        """Stop the background threads (harvesting, tokenising), if they run; iterating starts them again."""
         if self._producer is not None:
             self._producer.stop()
             self._producer = None
+        self.rows.close()
 
     def _allocate(self) -> torch.Tensor:
         if self._ring is None:
