@@ -36,10 +36,10 @@ class ModelConfig:
     """Decoder layer whose output (the residual stream, Gemma Scope "layer_L") is captured; 0-based."""
     model_dtype: str = "auto"
     """Dtype the language model computes in and the activation buffer holds: float32, bfloat16, float16, or
-    auto (bfloat16 on CUDA, float32 on the CPU, where bfloat16 matmuls are slow and inexact)."""
+    auto (bfloat16 on CUDA; float32 elsewhere, to keep CPU runs exact: bfloat16 is ~2x faster on the CPU too,
+    at ~1% error per token)."""
     model_device: str = "auto"
     """Device of the language model's forward: cpu, cuda, cuda:N, or auto (cuda when available)."""
-
     norm_outlier_factor: float | None = None
     """Drop tokens whose activation norm (at any captured layer) exceeds this multiple of the median norm of
     their forward batch, e.g. 10; None keeps every token."""

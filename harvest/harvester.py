@@ -92,6 +92,7 @@ class Harvester:
             "prepend_bos": bool(self.rows.prefix),
             "dataset_path": self.data_cfg.dataset,
             "exclude_special_tokens": self.data_cfg.exclude_special_tokens,
+            **({"data_dir": self.data_cfg.data_dir} if self.data_cfg.data_dir else {}),
         }
 
     def state_dict(self) -> dict:

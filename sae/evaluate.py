@@ -42,6 +42,8 @@ class EvalConfig:
     """Text to evaluate on; default: the first SAE's metadata dataset_path."""
     text_field: str = "text"
     """Column holding the text."""
+    data_dir: str | None = None
+    """Local copies of a preset's hub datasets (medical-qa); default: the first SAE's metadata data_dir."""
     context_size: int | None = None
     """Tokens per row; default: the first SAE's metadata context_size."""
     data_seed: int = 0
@@ -136,8 +138,9 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
     for path, (weights, _, _) in saes.items():
         if weights["W_enc"].shape[0] != d_in:
             raise ConfigError(f"{path} has d_in={weights['W_enc'].shape[0]}, but {model_name} has {d_in}")
-    rows = TokenRows(load_texts(DataConfig(dataset=dataset, text_field=cfg.text_field, context_size=context)),
-                     tokenizer, context, cfg.data_seed)
+    data_dir = cfg.data_dir or (first_meta.get("data_dir") if dataset == first_meta.get("dataset_path") else None)
+    data = DataConfig(dataset=dataset, text_field=cfg.text_field, context_size=context, data_dir=data_dir)
+    rows = TokenRows(load_texts(data), tokenizer, context, cfg.data_seed)
     start = max(0, rows.num_examples - cfg.heldout_examples)
     rows.seek({"epoch": 0, "index": start})
 

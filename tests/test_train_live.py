@@ -134,3 +134,21 @@ def test_eval_can_include_special_tokens(tiny_model, text_file, tmp_path):
         report = json.loads((out / "report.json").read_text())
         spliced[flag] = report["saes"][str(tmp_path / "a")]["downstream"]["spliced_positions"]
     assert spliced["--no-exclude-special-tokens"] == spliced["--exclude-special-tokens"] + 4  # + one BOS per row
+
+
+def test_train_and_eval_on_the_medical_qa_preset_from_a_local_mirror(tiny_model, tmp_path):
+    from tests.test_text_sources import medical_mirror
+
+    mirror = tmp_path / "mirror"
+    medical_mirror(mirror)
+    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--context-size", "16",
+              "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64", "--init-l0", "16", "--steps", "2",
+              "--device", "cpu", "--no-progress"]
+    run = tmp_path / "run"
+    assert main(["train", *common, "--dataset", "medical-qa", "--data-dir", str(mirror), "--out-dir", str(run)]) == 0
+    meta = json.loads((run / "checkpoints" / "step_000000002" / "cfg.json").read_text())["metadata"]
+    assert meta["dataset_path"] == "medical-qa" and meta["data_dir"] == str(mirror)
+    out = tmp_path / "eval"  # the mirror comes from the SAE's metadata: offline, no --data-dir needed
+    assert main(["eval", str(run), "--heldout-examples", "6", "--eval-tokens", "30", "--dark-matter-fit-tokens", "0",
+                 "--splice-rows", "2", "--eval-device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert json.loads((out / "report.json").read_text())["dataset"] == "medical-qa"
