@@ -90,7 +90,7 @@ class RingProducer:
                     self._cond.notify_all()
         except _Stopped:
             return
-        except BaseException as err:  # handed to the consumer, which re-raises it
+        except BaseException as err:  # noqa: BLE001 -- handed to the consumer, which re-raises it
             with self._cond:
                 self._error = err
                 self._cond.notify_all()

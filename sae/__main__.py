@@ -72,8 +72,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace) -> int:
     from harvest import Harvester
-    from sae import checkpoint as ckpt
     from harvest.lm import resolve_device
+    from sae import checkpoint as ckpt
     from sae.trainer import Trainer
 
     overrides = given_flags(args, TrainConfig)

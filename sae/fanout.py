@@ -26,7 +26,7 @@ class Fanout:
         self._read = [0] * n_views  # next index each view reads
         self._loaded: Any = None
 
-    def view(self, i: int, select: Callable[[Tensor], Tensor] = lambda x: x, d_in: int | None = None) -> "FanoutView":
+    def view(self, i: int, select: Callable[[Tensor], Tensor] = lambda x: x, d_in: int | None = None) -> FanoutView:
         return FanoutView(self, i, select, d_in)
 
     def _get(self, view: int) -> tuple[Tensor, Any]:

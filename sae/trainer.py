@@ -30,7 +30,12 @@ from sae.objectives import sae_loss
 from sae.ops import resolve_backend
 from sae.pretrained import load_pretrained
 from sae.schedule import lr_at, sparsity_coefficient_at
-from sae.sparse_step import adam_state_from_lazy, build_lazy_adam, lazy_state_from_adam, sparse_train_step
+from sae.sparse_step import (
+    adam_state_from_lazy,
+    build_lazy_adam,
+    lazy_state_from_adam,
+    sparse_train_step,
+)
 
 # Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
 # computation runs (a CPU run may continue on a GPU).

@@ -12,7 +12,6 @@ from harvest.errors import HarvestError
 from harvest.forward import GroupReader
 from harvest.lm import decoder_layers, num_layers
 from harvest.text import TokenRows, load_texts
-
 from tests.conftest import N_LAYERS
 
 
