@@ -44,9 +44,11 @@ class Harvester:
 
     def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, buffer_cfg: BufferConfig,
                  batch_size: int = 1024, device: str | torch.device = "cpu", lm: tuple | None = None,
-                 progress: bool = True, layers: Sequence[int] | None = None):
+                 progress: bool = True, layers: Sequence[int] | None = None, rows=None):
         """lm: an already loaded (model, tokenizer) for model_cfg, to share one model between harvesters.
         layers: the decoder layers to capture in one forward (default: model_cfg.layer alone).
+        rows: a token-row source to read instead of data_cfg's (anything with TokenRows' take, position,
+            seek and close; the bench feeds random token rows on machines without the datasets package).
         progress: show a bar while the first segment is harvested (the start-up wait)."""
         if batch_size < 1:
             raise HarvestError(f"batch_size={batch_size} must be at least 1")
@@ -63,7 +65,8 @@ class Harvester:
         self.model, self.tokenizer = lm or load_lm(model_cfg)
         check_layer(model_cfg, num_layers(self.model), self.layers)
         self.d_in: int = self.model.config.get_text_config().hidden_size
-        self.rows = token_rows(data_cfg, self.tokenizer)  # tokenised ahead in a background thread
+        # Tokenised ahead in a background thread.
+        self.rows = rows if rows is not None else token_rows(data_cfg, self.tokenizer)
         self.batches_per_pass = half // batch_size
         self.segment_tokens = self.batches_per_pass * batch_size  # whole batches: no token is ever dropped
         self.dtype = next(self.model.parameters()).dtype

@@ -322,3 +322,23 @@ def test_offline_default_cache_is_written_atomically(tmp_path, monkeypatch):
     target = offline_model.offline_default_dir()
     assert target.parent == tmp_path and (target / "config.json").is_file()
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_random_rows_feed_the_harvester(tiny_model, text_file):
+    from harvest.random_rows import RandomTokenRows
+
+    _, tokenizer = load_lm(ModelConfig(model=tiny_model, layer=2))
+    def rows():
+        return RandomTokenRows(len(tokenizer), 16, tokenizer.bos_token_id, seed=3,
+                               special_ids=tuple(tokenizer.all_special_ids))
+    first = rows().take(5)
+    assert all(len(r) == 16 and r[0] == 2 and not set(r[1:]) & set(tokenizer.all_special_ids) for r, _ in first)
+    again = rows()
+    again.seek(first[1][1])
+    assert again.take(3) == first[2:]
+    h = make(tiny_model, text_file)
+    h = Harvester(h.model_cfg, h.data_cfg, h.buffer_cfg, batch_size=16, lm=(h.model, h.tokenizer), rows=rows(),
+                  progress=False)
+    batches = take(iter(h), 4)
+    assert batches[0].shape == (16, 32) and h.state_dict()["segment"] == 2
+    h.close()
