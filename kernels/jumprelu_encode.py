@@ -18,7 +18,11 @@ Cost (`flops_and_bytes`): 2 * B * D * F FLOPs, the whole step's dominant term; H
 W_enc (D * F * 2 bytes in bf16: 4.8 GB at D = 2304, F = 2^20), x re-read once per latent tile (L2-resident),
 and about 8 bytes per active pair written. The dense encode would also write z and f: 2 * B * F * 4 bytes
 (32 GiB at B = 4096, F = 2^20). fp32 operands use exact fp32 products (`input_precision="ieee"`, no tensor
-cores); 16-bit x and W_enc use tensor cores with fp32 accumulation.
+cores); 16-bit x and W_enc use tensor cores with fp32 accumulation, and x - b_dec (computed in fp32) is
+rounded to their dtype, as `kernels.reference` with `compute_dtype` rounds it. Under Triton's interpreter the
+product runs in fp32 on those rounded values (exact products, fp32 sums: the same numbers up to order).
+
+Every call also checks theta > 0 (kernels/validate.py) in the transfer that reads the counts back.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels import launch
+from kernels.validate import bad_threshold_count, check_threshold_values
 
 
 class SparseCode(NamedTuple):
@@ -66,7 +71,8 @@ def _jumprelu_encode_kernel(
     CAP,
     WCAP,
     eps,  # STE bandwidth
-    DOT_DTYPE: tl.constexpr,  # tl.dot operand type: bf16/fp16 (tensor cores) or fp32
+    OP_DTYPE: tl.constexpr,  # operand type of the product: bf16/fp16 (x - b_dec is rounded to it) or fp32
+    DOT_DTYPE: tl.constexpr,  # tl.dot operand type: OP_DTYPE, or fp32 under the interpreter
     PRECISION: tl.constexpr,  # "ieee" for exact fp32 products
     BLOCK_B: tl.constexpr,
     BLOCK_F: tl.constexpr,
@@ -86,9 +92,9 @@ def _jumprelu_encode_kernel(
         # Masked lanes load 0 on both sides, so (x - b_dec) is 0 there and adds nothing to the product.
         b_x = tl.load(p_x + o_b[:, None] * D + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0)
         b_bdec = tl.load(p_bdec + o_d, mask=m_d, other=0)
-        b_xc = (b_x.to(tl.float32) - b_bdec.to(tl.float32)[None, :]).to(DOT_DTYPE)
+        b_xc = (b_x.to(tl.float32) - b_bdec.to(tl.float32)[None, :]).to(OP_DTYPE)
         b_w = tl.load(p_w + o_d[:, None] * F + o_f[None, :], mask=m_d[:, None] & m_f[None, :], other=0)
-        b_z += tl.dot(b_xc, b_w.to(DOT_DTYPE), input_precision=PRECISION)
+        b_z += tl.dot(b_xc.to(DOT_DTYPE), b_w.to(DOT_DTYPE), input_precision=PRECISION)
 
     b_theta = tl.load(p_theta + o_f, mask=m_f, other=0).to(tl.float32)
     b_z += tl.load(p_benc + o_f, mask=m_f, other=0).to(tl.float32)[None, :]
@@ -127,12 +133,13 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
     cnt = torch.zeros(B, dtype=torch.int32, device=dev)
     wcnt = torch.zeros(B, dtype=torch.int32, device=dev)
     fire = torch.zeros(F, dtype=torch.int32, device=dev)
-    dtype = tl.float32 if launch.interpreting() else launch.dot_dtype(x, W_enc)
+    op = launch.dot_dtype(x, W_enc)
+    dot = tl.float32 if launch.interpreting() else op  # interpreter: fp32 products of the rounded values
     grid = (triton.cdiv(B, block_b), triton.cdiv(F, block_f))
     _jumprelu_encode_kernel[grid](
         x, W_enc, b_enc, b_dec, threshold, idx, val, cnt, win, wcnt, fire,
         B, D, F, cap, wcap, float(bandwidth),
-        DOT_DTYPE=dtype, PRECISION="ieee" if dtype == tl.float32 else "tf32",
+        OP_DTYPE=op, DOT_DTYPE=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
         BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d,
     )  # fmt: skip
     return idx, val, cnt, win, wcnt, fire
@@ -155,16 +162,19 @@ def jumprelu_encode(
         capacity, window_capacity: slots per row to try first (default min(F, 128)); a row with more pairs
             makes the encode run again with exactly enough slots, reported as `reruns`.
         blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot).
-    Inputs must be contiguous and already checked by `kernels.validate.check_sae_inputs`.
+    Inputs must be contiguous and already checked by `kernels.validate.check_sae_inputs`; theta > 0 is
+    checked here, read back with the counts (ValueError otherwise).
     """
     launch.check_kernel_tensors(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, threshold=threshold)
     F = W_enc.shape[1]
     cap = max(1, min(F, 128) if capacity is None else capacity)
     wcap = max(1, min(F, 128) if window_capacity is None else window_capacity)
+    bad = bad_threshold_count(threshold)
     for reruns in range(2):
         idx, val, cnt, win, wcnt, fire = _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks)
-        need = int(cnt.max()) if cnt.numel() else 0
-        wneed = int(wcnt.max()) if wcnt.numel() else 0
+        read = [bad] + ([cnt.max().long(), wcnt.max().long()] if cnt.numel() else [])
+        n_bad, need, wneed = (torch.stack(read).tolist() + [0, 0])[:3]  # one synchronisation
+        check_threshold_values(threshold, n_bad)
         if need <= cap and wneed <= wcap:
             return SparseCode(idx, val, cnt, win, wcnt, fire, cap, wcap, reruns)
         cap, wcap = max(cap, need), max(wcap, wneed)

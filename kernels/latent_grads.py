@@ -4,6 +4,8 @@ With P active (row, latent) pairs (P = B * L0), f the active value and dz = dL/d
 
     d W_dec[j]     = sum_{pairs (b, j)} f_bj  * dL/dx_hat[b]          rows of W_dec that fired
     d W_enc[:, j]  = sum_{pairs (b, j)} dz_bj * (x[b] - b_dec)         columns of W_enc that fired
+                     (x[b] - b_dec rounded to the encode's 16-bit operand dtype, if any: the gradient is
+                     taken at the operand the product saw, as `kernels.reference` with `compute_dtype`)
     d b_enc[j]     = sum_{pairs (b, j)} dz_bj
 
 A counting sort (`latent_major`: torch sort/bincount on the [P] pair list) gives each latent its pairs in
@@ -40,10 +42,11 @@ class EncoderPairs(NamedTuple):
     """What the encoder gradients need besides the pairs; the gradients come in the given dtypes."""
 
     dz: Tensor  # [B, K] fp32 dL/dz of each slot
-    x: Tensor  # [B, D]
+    x: Tensor  # [B, D] the encode's x operand
     b_dec: Tensor  # [D] pre-encoder bias
-    W_enc_dtype: torch.dtype
+    W_enc_dtype: torch.dtype  # of the gradient (the master weight's dtype)
     b_enc_dtype: torch.dtype
+    operand_dtype: torch.dtype = torch.float32  # the encode's product operands (`launch.operand_dtype`)
 
 
 class WeightGrads(NamedTuple):
@@ -87,6 +90,7 @@ def _latent_grads_kernel(
     D,
     F,
     HAS_ENC: tl.constexpr,
+    XC_DTYPE: tl.constexpr,  # the encode's operand type: x - b_dec is rounded to it, as the encode did
     BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -114,7 +118,7 @@ def _latent_grads_kernel(
         if HAS_ENC:
             b_dz = tl.load(p_dz + b_slot, mask=m_p, other=0)
             b_x = tl.load(p_x + b_row[:, None] * D + o_d[None, :], mask=m_pd, other=0).to(tl.float32)
-            b_enc += b_dz[:, None] * (b_x - b_bdec[None, :])
+            b_enc += b_dz[:, None] * (b_x - b_bdec[None, :]).to(XC_DTYPE).to(tl.float32)
             b_bias += b_dz
     tl.store(p_dwdec + j * D + o_d, tl.sum(b_dec, axis=0), mask=m_d)
     if HAS_ENC:
@@ -161,6 +165,7 @@ def latent_grads(
             out_rows, pairs.starts, pairs.rows, pairs.slots, f, g, d_W_dec,
             *((f, g, g, d_W_dec, d_W_dec) if enc is None else (enc.dz, enc.x, enc.b_dec, d_W_enc, d_b_enc)),
             D, F, HAS_ENC=enc is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+            XC_DTYPE=launch.tl_dtype(torch.float32 if enc is None else enc.operand_dtype),
         )  # fmt: skip
     return WeightGrads(d_W_dec, d_W_enc, d_b_enc)
 

@@ -10,6 +10,11 @@ form; each row is then sorted by value (torch, [B, K]) and decoded by gathering 
     x                 sum_k dz[b, k] * W_enc[:, indices[b, k]]       (`decode_rows` on W_enc^T), if needed
     b_dec             sum_b dL/dx_hat[b] - sum_b dL/dx[b]            (pre-encoder bias)
 
+Mixed precision (`compute_dtype`, e.g. bf16 with fp32 master parameters): x, W_enc and W_dec are cast to
+compute_dtype once per call and only those copies feed the kernels' products (the encode's tensor cores, the
+decoder row gathers); biases and thresholds stay in their dtype, every sum is fp32, and the gradients come back in
+the master parameters' dtypes. `kernels.reference.sae_forward` with the same `compute_dtype` is the oracle.
+
 Everything after the encode is deterministic (no atomics; the encode's atomics only fix slot order, which
 the per-row sort and the latent-major sort remove).
 
@@ -32,8 +37,8 @@ from kernels import latent_grads as lg
 from kernels import launch
 from kernels import sparse_decode as dec
 from kernels import threshold_grad as tg
-from kernels.reference import Forward
-from kernels.validate import check_sae_inputs
+from kernels.reference import Forward, count_dtype
+from kernels.validate import check_compute_dtype, check_sae_inputs
 
 
 class Blocks(NamedTuple):
@@ -47,8 +52,8 @@ class Blocks(NamedTuple):
 class SparseForward(NamedTuple):
     """`Forward` plus what the sparse path knows for free."""
 
-    x_hat: Tensor  # [B, D]
-    l0: Tensor  # [B] float, STE gradient into threshold
+    x_hat: Tensor  # [B, D] in x's dtype
+    l0: Tensor  # [B] fp32 (fp64 for fp64 x), STE gradient into threshold
     indices: Tensor  # [B, K] int64, each row's active latents by descending value, padded with 0
     values: Tensor  # [B, K] matching values, padded with 0
     fire_counts: Tensor  # [F] int32 rows in which each latent fired
@@ -66,17 +71,34 @@ def _sort_rows(idx: Tensor, val: Tensor, counts: Tensor) -> tuple[Tensor, Tensor
     return indices, torch.where(used, values, 0.0)
 
 
+class Operands(NamedTuple):
+    """The products' operands: x, W_enc, W_dec in compute_dtype (the inputs themselves when not rounded)."""
+
+    x: Tensor  # [B, D]
+    W_enc: Tensor  # [D, F]
+    W_dec: Tensor  # [F, D]
+
+
+def cast_operands(x: Tensor, W_enc: Tensor, W_dec: Tensor, compute_dtype: torch.dtype | None) -> Operands:
+    """Detached contiguous compute_dtype copies where `kernels.validate.rounds_to` says so (B * D + 2 * D * F
+    elements read and written once), else the tensors themselves."""
+    check_compute_dtype(compute_dtype)
+    return Operands(*(launch.cast_operand(t, compute_dtype) for t in (x, W_enc, W_dec)))
+
+
 class _SAEStep(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, blocks, code, indices, values):
-        x_hat = dec.decode_rows(indices, values, code.counts, W_dec, b_dec, x.dtype, blocks.rows)
-        ctx.save_for_backward(x, W_enc, W_dec, b_dec, threshold, indices, values)
-        ctx.code, ctx.bandwidth, ctx.blocks, ctx.b_enc_dtype = code, bandwidth, blocks, b_enc.dtype
-        return x_hat, code.counts.to(x.dtype)
+    def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, blocks, code, indices, values, ops):
+        x_hat = dec.decode_rows(indices, values, code.counts, ops.W_dec, b_dec, x.dtype, blocks.rows)
+        ctx.save_for_backward(ops.x, ops.W_enc, ops.W_dec, b_dec, threshold, indices, values)
+        ctx.code, ctx.bandwidth, ctx.blocks = code, bandwidth, blocks
+        ctx.dtypes = x.dtype, W_enc.dtype, b_enc.dtype, W_dec.dtype  # of the gradients (the masters')
+        return x_hat, code.counts.to(count_dtype(x.dtype))
 
     @staticmethod
     def backward(ctx, g_x_hat, g_l0):
-        x, W_enc, W_dec, b_dec, threshold, indices, values = ctx.saved_tensors
+        x, W_enc, W_dec, b_dec, threshold, indices, values = ctx.saved_tensors  # x, W_enc, W_dec: operands
+        x_dtype, W_enc_dtype, b_enc_dtype, W_dec_dtype = ctx.dtypes
         code, blocks = ctx.code, ctx.blocks
         B, F = x.shape[0], W_enc.shape[1]
         g = torch.zeros_like(x, dtype=torch.float32) if g_x_hat is None else g_x_hat.contiguous()
@@ -84,8 +106,8 @@ class _SAEStep(torch.autograd.Function):
 
         dz = dec.gather_dot(g, W_dec, indices, code.counts, blocks.rows)
         active = lg.latent_major(indices, code.counts, F, code.fire_counts)
-        encoder = lg.EncoderPairs(dz, x, b_dec, W_enc.dtype, ctx.b_enc_dtype)
-        grads = lg.latent_grads(active, values, g, W_dec.shape, W_dec.dtype, encoder, blocks.pairs)
+        encoder = lg.EncoderPairs(dz, x, b_dec, W_enc_dtype, b_enc_dtype, launch.operand_dtype(x, W_enc))
+        grads = lg.latent_grads(active, values, g, W_dec.shape, W_dec_dtype, encoder, blocks.pairs)
         window = lg.latent_major(code.window, code.window_counts, F)
         d_theta = tg.threshold_grad(window, g, g_l0, W_dec, threshold, ctx.bandwidth, blocks.pairs)
 
@@ -93,11 +115,11 @@ class _SAEStep(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             d_x = dec.decode_rows(indices, dz, code.counts, W_enc.t(), None, torch.float32, blocks.rows)
             d_b_dec = g.sum(0, dtype=torch.float32) - d_x.sum(0)
-            d_x = d_x.to(x.dtype)
+            d_x = d_x.to(x_dtype)
         else:  # sum_b dL/dx[b] = W_enc @ d b_enc, over the fired columns only
             fired = active.latents
             d_b_dec = g.sum(0, dtype=torch.float32) - W_enc[:, fired].float() @ grads.b_enc[fired].float()
-        return d_x, grads.W_enc, grads.b_enc, grads.W_dec, d_b_dec.to(b_dec.dtype), d_theta, *(None,) * 5
+        return d_x, grads.W_enc, grads.b_enc, grads.W_dec, d_b_dec.to(b_dec.dtype), d_theta, *(None,) * 6
 
 
 def encode_sorted(
@@ -123,6 +145,7 @@ def sae_forward_sparse(
     threshold: Tensor,
     bandwidth: float,
     *,
+    compute_dtype: torch.dtype | None = None,
     capacity: int | None = None,
     window_capacity: int | None = None,
     blocks: Blocks = Blocks(),
@@ -130,14 +153,19 @@ def sae_forward_sparse(
     """`sae_forward` with the encode's capacities and tile sizes exposed and its bookkeeping returned.
 
     Args:
+        compute_dtype: the products' operand dtype (module docstring); None: the inputs' own.
         capacity, window_capacity: active / window slots per row to try first (default min(F, 128)); a
             row with more makes the encode run once more with exactly enough slots (`reruns` = 1).
         blocks: tile sizes.
     """
+    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+    ops = cast_operands(x, W_enc, W_dec, compute_dtype)
     code, indices, values = encode_sorted(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
+        ops.x, ops.W_enc, b_enc, ops.W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
     )
-    x_hat, l0 = _SAEStep.apply(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, blocks, code, indices, values)
+    x_hat, l0 = _SAEStep.apply(
+        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, blocks, code, indices, values, ops
+    )
     return SparseForward(
         x_hat, l0, indices, values.to(x.dtype), code.fire_counts, int(code.window_counts.sum()),
         code.capacity, code.reruns,
@@ -152,6 +180,7 @@ def sae_forward(
     b_dec: Tensor,
     threshold: Tensor,
     bandwidth: float,
+    compute_dtype: torch.dtype | None = None,
 ) -> Forward:
     """The JumpReLU SAE forward pass on Triton kernels; same signature, result and gradients as
     `kernels.reference.sae_forward` (differentiable w.r.t. x and every parameter), without [B, F] tensors.
@@ -159,12 +188,15 @@ def sae_forward(
     Args:
         x: [B, D] activations.
         W_enc: [D, F]; b_enc: [F]; W_dec: [F, D]; b_dec: [D] (also the pre-encoder bias).
-        threshold: [F] thresholds (> 0).
+        threshold: [F] thresholds (> 0, checked).
         bandwidth: STE window width eps.
-    All contiguous, on CUDA (or CPU under TRITON_INTERPRET=1). Any float dtypes: 16-bit x and W_enc use
-    16-bit tensor-core products, everything else is fp32; gradients come in each parameter's dtype.
+        compute_dtype: e.g. torch.bfloat16 with fp32 parameters: x, W_enc, W_dec are cast to it for the
+            products (fp32 accumulation); None: the inputs' dtypes (16-bit x and W_enc then use 16-bit
+            tensor-core products too).
+    All contiguous, on CUDA (or CPU under TRITON_INTERPRET=1). Every sum is fp32 and the gradients come in
+    each parameter's dtype.
     """
-    out = sae_forward_sparse(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+    out = sae_forward_sparse(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype=compute_dtype)
     return Forward(out.x_hat, out.l0, out.indices, out.values)
 
 

@@ -27,6 +27,10 @@ kernels/sae_step.py for the forward and the backward formulas):
     threshold threshold_grad(out_rows = rank in touched)                      both sparsity paths
     b_dec     sum_b dL/dx_hat[b] - W_enc[:, fired] @ d b_enc[fired]           pre-encoder bias
 
+Mixed precision (`compute_dtype`): x, W_enc and W_dec enter the products as compute_dtype copies (`operands`
+lets the caller pass W_enc and W_dec copies it keeps up to date, see sae/model.py `OperandCache`), the loss is
+taken against the un-rounded x, and the compact gradients are allocated in the master parameters' dtypes.
+
 Bytes saved against the dense step (`optimizer_bytes`): the dense path zero-fills two [F, D] gradients,
 projects, clips, runs torch's Adam (with a first moment that beta1 = 0 makes redundant) and renormalises over
 all 2 * F * D weights; the sparse one gathers, updates and scatters only 2 * T * D.
@@ -40,9 +44,11 @@ import torch
 from torch import Tensor
 
 from kernels import latent_grads as lg
+from kernels import launch
 from kernels import sparse_decode as dec
 from kernels import threshold_grad as tg
-from kernels.sae_step import Blocks, encode_sorted
+from kernels.sae_step import Blocks, Operands, cast_operands, encode_sorted
+from kernels.validate import check_compute_dtype, check_sae_inputs, rounds_to
 
 SPARSITY_KINDS = ("l0", "target_l0")
 
@@ -99,6 +105,8 @@ def sparse_loss_and_grads(
     coefficient: float,
     target_l0: float,
     *,
+    compute_dtype: torch.dtype | None = None,
+    operands: tuple[Tensor, Tensor] | None = None,
     capacity: int | None = None,
     window_capacity: int | None = None,
     blocks: Blocks = Blocks(),
@@ -109,17 +117,23 @@ def sparse_loss_and_grads(
         x: [B, D]; W_enc [D, F]; b_enc [F]; W_dec [F, D]; b_dec [D]; threshold [F] (> 0); contiguous, on
             CUDA (or CPU under TRITON_INTERPRET=1). bandwidth: the STE window width eps.
         sparsity, coefficient, target_l0: the sparsity term ("l0" or "target_l0", sae/objectives.py).
+        compute_dtype: the products' operand dtype (e.g. torch.bfloat16 beside fp32 parameters); None: the
+            inputs' own. The gradients come in the parameters' dtypes either way.
+        operands: (W_enc, W_dec) already in compute_dtype (a kept copy: no [F, D] cast this step); default:
+            cast here.
         capacity, window_capacity, blocks: as in `kernels.sae_step.sae_forward_sparse`.
     The loss's gradients equal autograd's through `kernels.reference.sae_forward` + `sae.objectives.sae_loss`
     (tests/test_sparse_step.py); no parameter's `.grad` is read or written.
     """
     if sparsity not in SPARSITY_KINDS:
         raise ValueError(f"unknown sparsity objective {sparsity!r}; use one of {SPARSITY_KINDS}")
+    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+    ops = _operands(x, W_enc, W_dec, compute_dtype, operands)
     code, indices, values = encode_sorted(
-        x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
+        ops.x, ops.W_enc, b_enc, ops.W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
     )
     (B, D), F = x.shape, W_enc.shape[1]
-    x_hat = dec.decode_rows(indices, values, code.counts, W_dec, b_dec, torch.float32, blocks.rows)
+    x_hat = dec.decode_rows(indices, values, code.counts, ops.W_dec, b_dec, torch.float32, blocks.rows)
 
     diff = x_hat - x.float()
     reconstruction = diff.pow(2).sum(-1).mean()
@@ -128,7 +142,7 @@ def sparse_loss_and_grads(
     g = diff.mul_(2.0 / B)  # [B, D] dL/dx_hat (diff is not needed again)
     g_l0 = (d_mean_l0 / B).expand(B).contiguous()  # [B] dL/dl0_b, the same for every row
 
-    dz = dec.gather_dot(g, W_dec, indices, code.counts, blocks.rows)
+    dz = dec.gather_dot(g, ops.W_dec, indices, code.counts, blocks.rows)
     active = lg.latent_major(indices, code.counts, F, code.fire_counts)
     window = lg.latent_major(code.window, code.window_counts, F)
     touched = torch.unique(torch.cat([active.latents, window.latents]))  # sorted, distinct
@@ -136,17 +150,32 @@ def sparse_loss_and_grads(
     rank_active = torch.searchsorted(touched, active.latents)
     rank_window = torch.searchsorted(touched, window.latents)
 
-    encoder = lg.EncoderPairs(dz, x, b_dec, W_enc.dtype, b_enc.dtype)
+    encoder = lg.EncoderPairs(dz, ops.x, b_dec, W_enc.dtype, b_enc.dtype, launch.operand_dtype(ops.x, ops.W_enc))
     weights = lg.latent_grads(active, values, g, (T, D), W_dec.dtype, encoder, blocks.pairs, out_rows=rank_active)
-    d_theta = tg.threshold_grad(window, g, g_l0, W_dec, threshold, bandwidth, blocks.pairs, rank_window, T)
+    d_theta = tg.threshold_grad(window, g, g_l0, ops.W_dec, threshold, bandwidth, blocks.pairs, rank_window, T)
     # sum_b dL/dx[b] through the encoder = W_enc @ d b_enc, over the fired columns only ([D, L] gather).
-    d_b_dec = g.sum(0) - W_enc.index_select(1, active.latents).float() @ weights.b_enc[rank_active].float()
+    d_b_dec = g.sum(0) - ops.W_enc.index_select(1, active.latents).float() @ weights.b_enc[rank_active].float()
 
     grads = CompactGrads(weights.W_enc, weights.b_enc, weights.W_dec, d_b_dec.to(b_dec.dtype), d_theta)
     return LossAndGrads(
         reconstruction + sparsity_value, reconstruction, sparsity_value, x_hat, l0, indices, values,
         code.fire_counts, touched, grads, int(code.window_counts.sum()), code.reruns,
     )  # fmt: skip
+
+
+def _operands(
+    x: Tensor, W_enc: Tensor, W_dec: Tensor, compute_dtype: torch.dtype | None, kept: tuple[Tensor, Tensor] | None
+) -> Operands:
+    """The products' operands: all cast here, or x cast here beside the caller's kept (W_enc, W_dec) copies."""
+    if kept is None:
+        return cast_operands(x, W_enc, W_dec, compute_dtype)
+    for name, copy, master in (("W_enc", kept[0], W_enc), ("W_dec", kept[1], W_dec)):
+        dtype = compute_dtype if rounds_to(master.dtype, compute_dtype) else master.dtype
+        if copy.shape != master.shape or copy.dtype != dtype or copy.device != master.device:
+            raise ValueError(f"operands: the {name} copy is {copy.dtype} {tuple(copy.shape)} on {copy.device}; "
+                             f"compute_dtype {compute_dtype} needs {dtype} {tuple(master.shape)} on {master.device}")
+    check_compute_dtype(compute_dtype)
+    return Operands(launch.cast_operand(x, compute_dtype), *kept)
 
 
 def optimizer_bytes(D: int, F: int, T: int, elt: int = 4) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from typing import Any
 from harvest.config import BufferConfig, DataConfig, ModelConfig
 from sae.config_cli import from_sections
 from sae.errors import ConfigError
-from sae.ops import BACKENDS
+from sae.ops import BACKENDS, COMPUTE_DTYPES
 
 SPARSITY_OBJECTIVES = ("l0", "target_l0")
 
@@ -44,6 +44,10 @@ class SAEConfig:
     backend: str = "auto"
     """SAE forward/backward: "triton" (fused sparse kernels, CUDA), "reference" (dense PyTorch), or "auto"
     (triton on CUDA, reference elsewhere)."""
+    compute_dtype: str = "auto"
+    """Operand dtype of the SAE's matrix products: "bfloat16" (tensor cores; accumulation, parameters,
+    thresholds, gradients and Adam state stay float32), "float32", "float16", or "auto" (bfloat16 on CUDA,
+    float32 elsewhere)."""
 
     def __post_init__(self) -> None:
         if self.d_sae is not None and self.d_sae < 1:
@@ -56,6 +60,10 @@ class SAEConfig:
             raise ConfigError(f"--threshold-init must be > 0 (JumpReLU needs theta > 0); got {self.threshold_init}")
         if self.init_l0 is not None and not self.init_l0 > 0:
             raise ConfigError(f"--init-l0 must be > 0 (or omitted); got {self.init_l0}")
+        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(
+                f"--compute-dtype must be auto or one of {tuple(COMPUTE_DTYPES)}; got {self.compute_dtype!r}"
+            )
         if self.b_dec_init not in ("zeros", "mean"):
             raise ConfigError(f"--b-dec-init must be 'zeros' or 'mean'; got {self.b_dec_init!r}")
         if self.backend not in BACKENDS:

@@ -66,7 +66,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         for f in dataclasses.fields(section_cls):
             kind, optional = _base_type(section_hints[f.name])
             default = f.default
-            help_text = f"{docs.get(f.name, '')} (default: {default})"
+            help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help
             if kind is bool:
                 group.add_argument(
                     flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,

@@ -1,6 +1,7 @@
 """The one place where the SAE forward's implementation is chosen: the PyTorch reference or the Triton kernels.
 
-Both have the signature of `kernels.reference.sae_forward` and agree in outputs and every gradient (tests/).
+Both have the signature of `kernels.reference.sae_forward` and agree in outputs and every gradient (tests/),
+including under `compute_dtype` (mixed precision: 16-bit products, fp32 accumulation and master weights).
 """
 
 from __future__ import annotations
@@ -13,6 +14,25 @@ from kernels.reference import Forward
 from sae.errors import ConfigError
 
 BACKENDS = ("auto", "reference", "triton")
+# Names of the products' operand dtypes (`SAEConfig.compute_dtype`). bfloat16 is the H100 choice; float16 is
+# what Triton's CPU interpreter can run, so the tests use it to exercise the same 16-bit code paths.
+COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_compute_dtype(name: str | torch.dtype, backend: str) -> torch.dtype:
+    """The torch dtype of a `compute_dtype` name, refused early where the resolved backend cannot run it."""
+    dtype = COMPUTE_DTYPES.get(name) if isinstance(name, str) else name
+    if dtype not in COMPUTE_DTYPES.values():
+        raise ConfigError(f"unknown compute dtype {name!r}; choose one of {tuple(COMPUTE_DTYPES)}")
+    if backend == "triton" and dtype == torch.bfloat16:
+        from kernels.launch import interpreting
+
+        if interpreting():
+            raise ConfigError(
+                "--compute-dtype bfloat16 cannot run in Triton's CPU interpreter (it cannot read bf16); use "
+                "float16 to exercise the 16-bit kernel path there, or float32"
+            )
+    return dtype
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
@@ -41,12 +61,17 @@ def sae_forward(
     threshold: Tensor,
     bandwidth: float,
     backend: str = "reference",
+    compute_dtype: torch.dtype | None = None,
 ) -> Forward:
-    """JumpReLU SAE forward (see `kernels.reference.sae_forward`) on a resolved backend."""
+    """JumpReLU SAE forward (see `kernels.reference.sae_forward`) on a resolved backend.
+
+    compute_dtype: e.g. torch.bfloat16 beside fp32 parameters: x, W_enc and W_dec enter the products rounded to
+    it, every sum and every gradient stays in the parameters' dtype; None: the inputs' own dtypes.
+    """
     if backend == "triton":
         from kernels.sae_step import sae_forward as triton_forward
 
-        return triton_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+        return triton_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype)
     if backend == "reference":
-        return reference.sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+        return reference.sae_forward(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype)
     raise ValueError(f"backend {backend!r} is not resolved; call resolve_backend first")

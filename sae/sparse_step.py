@@ -18,6 +18,11 @@ against 72 * 4 * D * T sparse (LazyAdam gathers and scatters the touched slices 
 sparse step moves fewer bytes when T < 0.8 F, e.g. 3.7x fewer at T = 0.22 F (B * L0 = F / 4, uniform firing);
 it also never holds the [F, D] gradients nor Adam's first moment (2 * D * F * 4 bytes each).
 
+Mixed precision (`model.compute_dtype`, e.g. bf16): the kernels' products read bf16 copies of W_enc and W_dec
+kept in `model.operand_cache` (sae/model.py); the compact gradients come back fp32 and update the fp32 masters,
+and after the step the copies are re-rounded at the T touched latents only, so no step re-casts the [F, D]
+matrices (a checkpoint load or any other write to the masters is detected and re-cast once).
+
 Checkpoints hold `LazyAdam.state_dict()`; `lazy_state_from_adam` / `adam_state_from_lazy` convert to and from
 torch Adam(0, beta2) state exactly, for a run resumed on the other step (the backend may change on resume).
 
@@ -139,6 +144,7 @@ def sparse_train_step(
 
     Args:
         model: the SAE (fp32 parameters, on CUDA, or CPU under TRITON_INTERPRET=1); its `.grad`s stay None.
+            Its `compute_dtype` (e.g. torch.bfloat16) is the kernels' product operand dtype.
         optimizer: from `build_lazy_adam(model, ...)`.
         x: [B, D] a batch, already scaled.
         lr: this step's learning rate; sparsity, coefficient, target_l0: this step's sparsity term.
@@ -150,9 +156,11 @@ def sparse_train_step(
     from kernels.sae_step import Blocks
     from kernels.sparse_grads import sparse_loss_and_grads
 
+    cache = model.operand_cache
     out = sparse_loss_and_grads(
         x, model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.threshold, model.bandwidth,
-        sparsity, coefficient, target_l0,
+        sparsity, coefficient, target_l0, compute_dtype=model.compute_dtype,
+        operands=None if cache is None else cache.get(model),
         capacity=capacity, window_capacity=window_capacity, blocks=blocks or Blocks(),
     )  # fmt: skip
     touched = out.touched
@@ -176,6 +184,8 @@ def sparse_train_step(
     rows = model.W_dec.index_select(0, touched)
     model.W_dec.index_copy_(0, touched, rows / rows.norm(dim=1, keepdim=True))
     model.threshold.index_copy_(0, touched, model.threshold.index_select(0, touched).clamp_(min=threshold_floor))
+    if cache is not None:  # only the touched latents of W_enc and W_dec were written
+        cache.refresh(model, touched)
 
     x32 = x.float()
     residual = (x32 - out.x_hat).pow(2).sum()

@@ -27,7 +27,7 @@ from sae.config import TrainConfig
 from sae.errors import ConfigError
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import sae_loss
-from sae.ops import resolve_backend
+from sae.ops import resolve_backend, resolve_compute_dtype
 from sae.pretrained import load_pretrained
 from sae.schedule import lr_at, sparsity_coefficient_at
 from sae.sparse_step import (
@@ -40,7 +40,7 @@ from sae.sparse_step import (
 # Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
 # computation runs (a CPU run may continue on a GPU).
 _FROZEN_SECTIONS = ("model", "data", "buffer", "sae")
-_MOVABLE_FIELDS = ("model_device", "backend")
+_MOVABLE_FIELDS = ("model_device", "backend", "compute_dtype")  # checkpoints hold fp32 masters only
 
 
 class StepStats(NamedTuple):
@@ -120,7 +120,11 @@ class Trainer:
             d_sae = self._pretrained_width(d_in) if self.pretrained is not None else cfg.sae.width(d_in)
         cfg.check_width(d_in, d_sae)
         backend = resolve_backend(cfg.sae.backend, self.device)
-        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, backend).to(self.device)
+        dtype_name = cfg.sae.compute_dtype
+        if dtype_name == "auto":
+            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
+        self.compute_dtype = resolve_compute_dtype(dtype_name, backend)
+        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, backend, self.compute_dtype).to(self.device)
         # With the kernels and beta1 = 0 the whole step is sparse, optimizer included (sae/sparse_step.py).
         self.sparse_step = backend == "triton" and cfg.optim.adam_beta1 == 0.0 and cfg.objective.tilt == 0.0
         if self.sparse_step:
@@ -182,10 +186,10 @@ class Trainer:
         info, tensors = state
         saved = info["config"]
         now = self.cfg.to_dict()
-        changed = [
+        changed = [  # a field the checkpoint predates has taken its default: not a change
             f"--{k.replace('_', '-')} ({saved[s][k]!r} -> {now[s][k]!r})"
             for s in _FROZEN_SECTIONS for k in now[s]
-            if k not in _MOVABLE_FIELDS and saved.get(s, {}).get(k) != now[s][k]
+            if k not in _MOVABLE_FIELDS and k in saved.get(s, {}) and saved[s][k] != now[s][k]
         ]
         if saved.get("optim", {}).get("batch_size") != now["optim"]["batch_size"]:
             changed.append("--batch-size")

@@ -14,8 +14,8 @@ from tests.test_kernels_common import (  # noqa: F401 (poisoned is a fixture)
     DEVICE,
     PARAMS,
     R,
-    assert_active_set,
     assert_matches,
+    assert_step_matches_reference,
     decode_sparse,
     kernel_forward,
     loss_of,
@@ -42,14 +42,7 @@ EPS = 0.25
 )
 def test_step_matches_reference(B, D, F, kind, grad_x, poisoned):
     case = make_case(B, D, F, seed=B * 1000 + D * 10 + F)
-    out, grads = run(kernel_forward, case, EPS, kind, grad_x=grad_x)
-    ref32, rgrads32 = run(R.sae_forward, case, EPS, kind, grad_x=grad_x)
-    ref64, rgrads64 = run(R.sae_forward, case, EPS, kind, torch.float64, grad_x=grad_x)
-
-    assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat)
-    assert_active_set(out, ref32, ref64, F)
-    for name in rgrads64:
-        assert_matches(f"d {name}", grads[name], rgrads32[name], rgrads64[name])
+    out, _ = assert_step_matches_reference(case, EPS, kind, grad_x=grad_x)
 
     acts = ((case["x"] - case["b_dec"]) @ case["W_enc"] + case["b_enc"]) > case["threshold"]
     assert torch.equal(out.fire_counts.cpu().long(), acts.sum(0))
@@ -58,21 +51,20 @@ def test_step_matches_reference(B, D, F, kind, grad_x, poisoned):
     assert out.window_pairs == int(((u > -0.5) & (u < 0.5)).sum()) > 0
 
 
-def test_16_bit_operands_with_fp32_master_parameters(poisoned):
-    """fp16 x, W_enc, W_dec (the interpreter cannot read bf16) beside fp32 b_enc, b_dec, threshold.
-
-    Inputs are fp16-exact, and every kernel upcasts right after loading, so against the fp32 reference
-    on the same values only three fp16 roundings remain (x_hat, dL/dx_hat, the stored W gradients):
-    tolerance 2^-9 relative to the reference's largest element.
+def test_16_bit_tensors_give_the_compute_dtype_results(poisoned):
+    """fp16 x, W_enc, W_dec tensors (the interpreter cannot read bf16) beside fp32 b_enc, b_dec, threshold, against
+    the fp32 reference with compute_dtype=float16 on the same values (the same rounded operands, x - b_dec
+    included). Only the fp16 outputs' roundings remain (x_hat, then dL/dx_hat, the stored W gradients, each at
+    most 2^-11 relative): tolerance 2^-9 relative to the reference's largest element. l0 is an fp32 count.
     """
     half = {"x": torch.float16, "W_enc": torch.float16, "W_dec": torch.float16}
-    case = make_case(33, 17, 67, seed=5, operands=torch.float16)
+    case = make_case(33, 17, 67, seed=5, operands=torch.float16, compute_dtype=torch.float16)
     t = {k: v.to(DEVICE, half.get(k, torch.float32), copy=True).requires_grad_(k != "x") for k, v in case.items()}
     out = kernel_forward(t["x"], *(t[k] for k in PARAMS), EPS)
-    loss_of("l0", t["x"].float(), out.x_hat.float(), out.l0.float()).backward()
-    ref, rgrads = run(R.sae_forward, case, EPS, "l0")
-    assert out.x_hat.dtype == out.values.dtype == out.l0.dtype == torch.float16
-    assert rel_err(out.x_hat, ref.x_hat.double()) <= 2.0**-9 and torch.equal(out.l0.float().cpu(), ref.l0.cpu())
+    loss_of("l0", t["x"].float(), out.x_hat.float(), out.l0).backward()
+    ref, rgrads = run(R.sae_forward, case, EPS, "l0", compute_dtype=torch.float16)
+    assert out.x_hat.dtype == out.values.dtype == torch.float16 and out.l0.dtype == torch.float32
+    assert rel_err(out.x_hat, ref.x_hat.double()) <= 2.0**-9 and torch.equal(out.l0.cpu(), ref.l0)
     for name in PARAMS:
         assert t[name].grad.dtype == t[name].dtype, name
         assert rel_err(t[name].grad, rgrads[name].double()) <= 2.0**-9, name
@@ -124,12 +116,45 @@ def _inputs(**change):
         (lambda t: {"x": t["x"].t().contiguous().t()}, "x must be contiguous"),
         (lambda t: {"threshold": t["threshold"].to("meta")}, "threshold is on meta"),
         (lambda t: {k: v.to("meta") for k, v in t.items()}, "need CUDA tensors"),
+        (lambda t: {"threshold": t["threshold"].index_fill(0, torch.tensor([2]), 0.0)}, "2 = 0.0"),
+        (lambda t: {"threshold": -t["threshold"]}, r"6 of 6 entries are <= 0 or NaN, e.g. latent 0"),
+        (lambda t: {"threshold": t["threshold"].index_fill(0, torch.tensor([5]), float("nan"))}, "5 = nan"),
     ],
 )
 def test_bad_inputs_name_the_problem(change, message):
     t = dict(zip(("x", *PARAMS), _inputs()))
     with pytest.raises(ValueError, match=message):
         sae_step.sae_forward(*_inputs(**change(t)), EPS)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_bandwidth_is_refused(bandwidth):
+    for forward in (sae_step.sae_forward, R.sae_forward):
+        with pytest.raises(ValueError, match="bandwidth must be a finite number > 0"):
+            forward(*_inputs(), bandwidth)
+
+
+def test_the_encode_checks_thresholds_in_its_own_read_back(poisoned):
+    """On a GPU the host-side check cannot see theta's values; the encode reads them with its slot counts."""
+    from kernels.jumprelu_encode import jumprelu_encode
+
+    x, W_enc, b_enc, _, b_dec, theta = _inputs()
+    with pytest.raises(ValueError, match="threshold must be > 0"):
+        jumprelu_encode(x, W_enc, b_enc, b_dec, theta.index_fill(0, torch.tensor([1]), -0.5), EPS)
+
+
+def test_l0_is_an_exact_fp32_count_past_16_bit_precision(poisoned):
+    """2049 latents fire in one row: not representable in fp16 (nor 601 in bf16); l0 is fp32 and exact in the
+    kernels (fp16 operands) and in the reference (fp16 and bf16 operands)."""
+    F = 2049
+    t = {k: v.to(DEVICE) for k, v in make_case(2, 16, F, seed=3, crowd=False).items()}
+    t["b_enc"] = t["b_enc"] + 10.0  # every latent fires in every row
+    args = [t[k] for k in ("x", *PARAMS)]
+    out = kernel_forward(*args, EPS, compute_dtype=torch.float16)
+    assert out.l0.dtype == torch.float32 and out.l0.tolist() == [F, F]
+    for dtype in (torch.float16, torch.bfloat16):
+        ref = R.sae_forward(*(a.cpu().to(dtype) for a in args), EPS)
+        assert ref.l0.dtype == torch.float32 and ref.l0.tolist() == [F, F], dtype
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the interpreter's bf16 limitation")

@@ -153,6 +153,8 @@ def test_objective_threshold_gradients_match_the_chain_rule(kind):
         (lambda p, x: x[:, :-1], "x has shape"),
         (lambda p, x: x[None], "x must be"),
         (lambda p, x: (p.update(b_enc=p["b_enc"].long()), x)[1], "floating-point"),
+        (lambda p, x: (p.update(threshold=p["threshold"].index_fill(0, torch.tensor([3]), 0.0)), x)[1],
+         r"threshold must be > 0 \(JumpReLU needs theta > 0\): 1 of 6 entries are <= 0 or NaN, e.g. latent 3"),
     ],
 )
 def test_bad_inputs_name_the_problem(change, message):
@@ -160,3 +162,31 @@ def test_bad_inputs_name_the_problem(change, message):
     x = change(p, torch.randn(3, 4, dtype=torch.float64))
     with pytest.raises(ValueError, match=message):
         R.sae_forward(x, p["W_enc"], p["b_enc"], p["W_dec"], p["b_dec"], p["threshold"], 0.1)
+
+
+@pytest.mark.parametrize("bandwidth", [0.0, float("inf"), float("nan")])
+def test_bandwidth_must_be_finite_and_positive(bandwidth):
+    p = _params(4, 6)
+    with pytest.raises(ValueError, match="bandwidth must be a finite number > 0"):
+        R.sae_forward(torch.randn(3, 4, dtype=torch.float64), *p.values(), bandwidth)
+
+
+def test_compute_dtype_rounds_the_operands_and_passes_gradients_straight_through():
+    """r(t) = t rounded to compute_dtype, kept in t's dtype; d r(t) / d t = 1 (module docstring)."""
+    t = torch.tensor([1.0 + 2.0**-12, 3.0], dtype=torch.float64, requires_grad=True)
+    r = R.operand(t, torch.bfloat16)
+    assert r.dtype == torch.float64 and r.tolist() == [1.0, 3.0]
+    r.backward(torch.tensor([0.25, -2.0], dtype=torch.float64))
+    assert t.grad.tolist() == [0.25, -2.0]
+    assert R.operand(t, None) is t and R.operand(t, torch.float64) is t
+    p = _params(4, 6)
+    with pytest.raises(ValueError, match="compute_dtype must be one of"):
+        R.sae_forward(torch.randn(3, 4, dtype=torch.float64), *p.values(), 0.1, compute_dtype=torch.int8)
+
+
+def test_l0_is_an_fp32_count_for_16_bit_inputs():
+    """601 latents firing is not a bf16 number (bf16 has 8 significant bits): the count is summed in fp32."""
+    p = {k: v.to(torch.bfloat16) for k, v in _params(4, 601).items()}
+    p["b_enc"] = p["b_enc"] + 100.0
+    out = R.sae_forward(torch.zeros(2, 4, dtype=torch.bfloat16), *p.values(), 0.1)
+    assert out.l0.dtype == torch.float32 and out.l0.tolist() == [601.0, 601.0]

@@ -43,10 +43,12 @@ from tests.test_kernels_common import (  # noqa: F401 (poisoned is a fixture); s
     BLOCKS,
     DEVICE,
     FLOOR,
+    INTERPRET,
     PARAMS,
     R,
     assert_matches,
     loss_of,
+    magnitudes,
     make_case,
     poisoned,
     run,
@@ -108,15 +110,16 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
     assert (~(fired | window)).any() or kind == "target_l0", "every latent touched: nothing to leave out"
     untouched = (~(fired | window)).nonzero().squeeze(1)
     t = out.touched.cpu()
+    mags = magnitudes(case, eps, kind)
     for name in PARAMS:
         dim = LATENT_DIMS[name]
         if dim is not None:  # autograd's gradient is exactly zero outside `touched`
             assert not g64[name].index_select(dim, untouched).any(), name
-        r32, r64 = (g if dim is None else g.index_select(dim, t) for g in (g32[name], g64[name]))
-        assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64)
+        r32, r64, m = (g if dim is None else g.index_select(dim, t) for g in (g32[name], g64[name], mags[name]))
+        assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64, m)
 
     x32, x64 = case["x"], case["x"].double()
-    assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat)
+    assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat, mags["x_hat"])
     for what, got, mode in (("reconstruction", out.reconstruction, "mse"), ("loss", out.loss, kind),
                             ("sparsity", out.sparsity, "l0_only" if kind == "l0" else None)):
         if mode is None:  # target_l0's term alone: the loss minus the reconstruction
@@ -182,14 +185,19 @@ def dense_step(model, optimizer, x, lr, kind, coefficient, max_norm) -> list[flo
             grad_norm.item()]
 
 
+def preactivations(model: JumpReLUSAE, x: torch.Tensor) -> torch.Tensor:
+    """z as `model` computes it, its compute_dtype's rounding included (kernels.reference.encode)."""
+    cd = model.compute_dtype
+    return R.operand(R.operand(x, cd) - model.b_dec, cd) @ R.operand(model.W_enc, cd) + model.b_enc
+
+
 def drop_near_boundaries(x, dense32, dense64) -> tuple[torch.Tensor, torch.Tensor]:
     """Drop the tokens that have a pre-activation (fp64 run) nearer a decision boundary (z = theta,
     z = theta +- eps/2) than 20 times the fp32 error of the pre-activations (the fp32 run's against the fp64
     run's, ~4e-7), so that every run takes the same discrete decisions. Returns x and the fp64 z - theta."""
     with torch.no_grad():
-        z32 = (x - dense32.b_dec) @ dense32.W_enc + dense32.b_enc
-        x64 = x.double()
-        z64 = (x64 - dense64.b_dec) @ dense64.W_enc + dense64.b_enc
+        z32 = preactivations(dense32, x)
+        z64 = preactivations(dense64, x.double())
         gap = z64 - dense64.threshold
     z_err = (z32.double() - z64).abs().max()
     keep = (torch.minimum(gap.abs(), (gap.abs() - EPS / 2).abs()) > 20 * z_err).all(1)
@@ -268,6 +276,72 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
             assert drift <= (STEPS * 2.0**-24 if name == "W_dec" else 0.0), (name, drift)  # |W_dec| <= 1
     print(f"\n{kind}: max error vs fp64 over {STEPS} steps ({dropped} tokens dropped near boundaries)",
           {k: f"{v:.1e}" for k, v in report.items()})
+
+
+# -- mixed precision: kept 16-bit operand copies, fp32 masters ---------------------------------------------------
+
+COMPUTE_16 = [torch.float16] if INTERPRET else [torch.float16, torch.bfloat16]  # the interpreter cannot read bf16
+
+
+def adam_like(model: JumpReLUSAE, lazy_state: dict) -> torch.optim.Adam:
+    """torch Adam(0, BETA2) over `model` (any dtype or device) holding the converted state of a `LazyAdam`."""
+    adam = torch.optim.Adam(model.parameters(), lr=1.0, betas=(0.0, BETA2), eps=ADAM_EPS, foreach=False)
+    converted = adam_state_from_lazy(lazy_state)
+    names = [name for name, _ in model.named_parameters()]
+    adam.load_state_dict({"state": {i: converted[n] for i, n in enumerate(names)},
+                          "param_groups": adam.state_dict()["param_groups"]})  # fmt: skip
+    return adam
+
+
+@pytest.mark.parametrize("compute_dtype", COMPUTE_16)
+def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step(compute_dtype):
+    """compute_dtype steps on fp32 masters. After every step the kept W_enc / W_dec copies equal the masters
+    rounded, with no full re-cast and no new [F, D]-shaped tensor after the first step. The last step, forked from
+    the same state (parameters and converted optimizer state), matches Trainer.train_step's dense sequence on the
+    reference backend at the same compute_dtype in fp32 and fp64, under the precision rule.
+
+    Only one step is compared: along a trajectory, the fp32 and fp64 masters differ by ~2^-24 relative, which
+    flips a 16-bit rounding with probability ~2^-13 per weight per step, an error 2^11 times larger (fp16; 2^16
+    for bf16) that the fp32 rule rightly does not allow; the fork starts all runs from identical masters.
+    """
+    kind, steps = "target_l0", 4
+    model0, data, scale = initial_sae(seed=5)
+    sparse = copy.deepcopy(model0).to(DEVICE)
+    sparse.compute_dtype = compute_dtype
+    lazy = build_lazy_adam(sparse, BETA2, ADAM_EPS, validate=True)
+    cache = sparse.operand_cache
+    report: dict[str, float] = {}
+    for step in range(steps):
+        x = data.batch(step) * scale
+        lr = lr_at(step, 3e-3, 1, steps, 0.2)
+        coefficient = sparsity_coefficient_at(step + 1, COEFFICIENT[kind], 1)
+        last = step == steps - 1
+        if last:
+            dense32 = copy.deepcopy(sparse).cpu()
+            dense32.backend = "reference"
+            dense64 = copy.deepcopy(dense32).double()
+            adam32, adam64 = adam_like(dense32, lazy.state_dict()), adam_like(dense64, lazy.state_dict())
+            x, _ = drop_near_boundaries(x, dense32, dense64)
+            s32 = dense_step(dense32, adam32, x, lr, kind, coefficient, MAX_NORM)
+            s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, MAX_NORM)
+        guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step else None
+        with guard or contextlib.nullcontext():
+            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, kind, coefficient, TARGET, MAX_NORM,
+                                       capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
+        assert guard is None or not guard.hits, guard.hits
+        assert all(getattr(sparse, name).dtype == torch.float32 for name in PARAMS)
+        W_enc, W_dec = cache.get(sparse)
+        assert cache.full_casts == 2, "the kept copies were re-cast"
+        assert torch.equal(W_enc, sparse.W_enc.detach().to(compute_dtype))
+        assert torch.equal(W_dec, sparse.W_dec.detach().to(compute_dtype))
+        if last:
+            assert result.stats.l0 == s32[3], "the active sets differ"
+            for name, a, b, c in zip(result.stats._fields, result.stats, s32, s64):
+                check_rule(name, a, b, c, report)
+            for name in PARAMS:
+                check_rule(name, getattr(sparse, name).detach().cpu(), getattr(dense32, name).detach(),
+                           getattr(dense64, name).detach(), report)
+    print(f"\n{compute_dtype}: error vs fp64 on the forked step", {k: f"{v:.1e}" for k, v in report.items()})
 
 
 # -- optimizer state: a run may switch between the dense and the sparse step on resume ---------------------------
