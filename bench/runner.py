@@ -1,0 +1,182 @@
+"""Runs the selected cases: check each against the reference, then time it; record every figure.
+
+A case whose check fails is reported as MISMATCH and is never timed. Running out of device memory (in the
+check or the timing) skips the case with the reason and goes on; any other exception is recorded as an
+error with its traceback in the JSON. Triton kernels under the CPU interpreter are checked, never timed.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import torch
+
+from bench.registry import INTERPRETER_SHAPE, Case, Shape
+from bench.roofline import Roofline
+from bench.timing import Timer
+
+
+class Workload(NamedTuple):
+    """What `Case.prepare` returns: the callable to time and its counts (bench/counts.py)."""
+
+    fn: Callable[[], object]
+    flops: float
+    nbytes: float
+    tokens: int  # tokens processed per call
+    dtype: str = "fp32"  # which matrix-rate ceiling applies: "fp32" or "bf16"
+    note: str = ""
+    min_warmup: int = 1  # torch.compile recompiles on its second call: use 2 or more there
+    extra: dict[str, Any] | None = None  # figures for the JSON (mean L0, reruns, ...)
+    wall_clock: bool = False  # work on other streams or threads (the harvester): time with a device-wide sync
+    cleanup: Callable[[], None] | None = None  # called after timing (stops background threads)
+
+
+@dataclass
+class Env:
+    """What every case sees: the device, the kernel mode, the timer and a cache of shared inputs."""
+
+    device: torch.device
+    quick: bool
+    kernels: str  # "compiled", "interpreted" or "unavailable"
+    kernels_reason: str
+    timer: Timer
+    roofline: Roofline | None = None
+    deadline: float | None = None  # time.time() after which no case starts
+    cache: dict[Any, Any] = field(default_factory=dict)
+
+    def check_shape(self, shape: Shape, triton: bool) -> Shape:
+        """Kernels in the interpreter are checked at INTERPRETER_SHAPE, everything else at its own shape."""
+        return INTERPRETER_SHAPE if triton and self.kernels == "interpreted" else shape
+
+    def shared(self, key: Any, build: Callable[[], Any]) -> Any:
+        """Inputs shared by the cases of one size, built once. Only one such entry is kept (besides the small
+        interpreter-shape data): cases run size by size, and a 2^20-latent SAE holds 19 GB."""
+        if key not in self.cache:
+            for old in [k for k in self.cache if k != ("sae", INTERPRETER_SHAPE)]:
+                del self.cache[old]
+            release(self.device)
+            self.cache[key] = build()
+        return self.cache[key]
+
+    def sae_data(self, shape: Shape):
+        """Synthetic SAE inputs for `shape` (bench/synthetic.py)."""
+        from bench.synthetic import check_rows_for, make_sae_data
+
+        rows = check_rows_for(shape, self.device)
+        return self.shared(("sae", shape), lambda: make_sae_data(shape, self.device, rows))
+
+
+def release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def is_oom(error: BaseException) -> bool:
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def _failure(rec: dict, stage: str, error: BaseException) -> None:
+    first = (str(error).splitlines() or [""])[0][:300]
+    if is_oom(error):
+        rec["status"], rec["reason"] = "skipped", f"out of memory in the {stage}: {first}"
+    else:
+        rec["status"], rec["reason"] = "error", f"{stage}: {type(error).__name__}: {first}"
+        rec["traceback"] = traceback.format_exc()
+
+
+def run_case(case: Case, env: Env) -> dict[str, Any]:
+    rec: dict[str, Any] = {"case": case.name, "op": case.op, "size": case.size, "impl": case.impl,
+                           "status": None, "reason": "", "check": None, "timing": None}
+    if case.needs == "triton" and env.kernels == "unavailable":
+        rec["status"], rec["reason"] = "not run", env.kernels_reason
+        return rec
+    if case.needs == "compile" and env.quick:
+        rec["status"], rec["reason"] = "not run", ("--quick skips torch.compile: compiling takes tens of seconds "
+                                                   "per case on a CPU; the full profile includes it")
+        return rec
+    if env.deadline is not None and time.time() > env.deadline:
+        rec["status"], rec["reason"] = "not run", "over the --max-minutes budget"
+        return rec
+    if case.needs == "compile":
+        torch._dynamo.reset()  # fresh caches: no recompile limit carried over from another case
+    try:
+        check = case.check(env)
+    except Exception as e:  # noqa: BLE001 (recorded, the suite goes on)
+        _failure(rec, "check", e)
+        return rec
+    finally:
+        release(env.device)
+    rec["check"] = {"ok": check.ok, "shape": check.shape, "errors": check.errors, "failures": check.failures,
+                    "note": check.note}
+    if not check.ok:
+        rec["status"], rec["reason"] = "MISMATCH", check.summary()
+        return rec
+    if case.needs == "triton" and env.kernels == "interpreted":
+        rec["status"] = "not timed"
+        rec["reason"] = f"not timed: interpreter (checked at {check.shape} in Triton's CPU interpreter)"
+        return rec
+    if case.needs == "compile":
+        torch._dynamo.reset()  # compile for the timed shape alone (the check's row count may differ)
+    try:
+        rec.update(_time(case, env))
+        rec["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        _failure(rec, "timing", e)
+    finally:
+        release(env.device)
+    return rec
+
+
+def _time(case: Case, env: Env) -> dict[str, Any]:
+    cuda = env.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(env.device)
+        base = torch.cuda.memory_allocated(env.device)
+        torch.cuda.reset_peak_memory_stats(env.device)
+    work = case.prepare(env)
+    try:
+        t = env.timer.time(work.fn, work.min_warmup, work.wall_clock)
+    finally:
+        if work.cleanup is not None:
+            work.cleanup()
+    peak = torch.cuda.max_memory_allocated(env.device) - base if cuda else None
+    out: dict[str, Any] = {
+        "timing": t._asdict(),
+        "flops": work.flops,
+        "bytes": work.nbytes,
+        "tokens": work.tokens,
+        "dtype": work.dtype,
+        "tokens_per_s": work.tokens / t.median_s,
+        "tflops": work.flops / t.median_s / 1e12,
+        "gbs": work.nbytes / t.median_s / 1e9,
+        "peak_memory_bytes": peak,
+        "peak_memory": "max_memory_allocated beyond the shared inputs" if cuda else "not measured on the CPU",
+        "note": work.note,
+        "timed_with": "wall clock" if work.wall_clock or not cuda else "CUDA events",
+        **(work.extra or {}),
+    }
+    if env.roofline is not None:
+        floor, bound = env.roofline.floor_s(work.flops, work.nbytes, work.dtype)
+        out.update(floor_s=floor, bound=bound, roofline_fraction=floor / t.median_s)
+    return out
+
+
+def add_speedups(records: list[dict[str, Any]], cases: dict[str, Case]) -> None:
+    """speedup_vs_<baseline> = tokens/s of the case over tokens/s of its baseline (same op and size)."""
+    timed = {(r["op"], r["size"], r["impl"]): r for r in records if r.get("status") == "ok"}
+    for r in records:
+        case = cases[r["case"]]
+        for slot, base in zip(("speedup_vs_reference", "speedup_vs_compile"), case.baselines):
+            other = timed.get((r["op"], r["size"], base)) if base else None
+            ok = r.get("status") == "ok" and other is not None
+            r[slot] = r["tokens_per_s"] / other["tokens_per_s"] if ok else None
+            r[slot.replace("speedup_vs", "baseline")] = base
