@@ -215,6 +215,17 @@ def check_rule(what: str, sparse, dense32, dense64, report: dict) -> None:
     assert err <= 2 * torch_err + FLOOR, f"{what}: error {err:.2e} > 2 x torch fp32 {torch_err:.2e} + {FLOOR:.1e}"
 
 
+def check_against_dense(result, sparse, fp32, fp64, report) -> None:
+    """The sparse step's stats and parameters against the dense step's, in fp32 and fp64, by the precision rule."""
+    (s32, dense32), (s64, dense64) = fp32, fp64
+    assert result.stats.l0 == s32[3], "the active sets differ"
+    for name, a, b, c in zip(result.stats._fields, result.stats, s32, s64):
+        check_rule(name, a, b, c, report)
+    for name in PARAMS:
+        check_rule(name, getattr(sparse, name).detach().cpu(), getattr(dense32, name).detach(),
+                   getattr(dense64, name).detach(), report)
+
+
 @pytest.mark.parametrize("kind", ["l0", "target_l0"])
 def test_sparse_train_step_matches_dense_trainer_step(kind):
     """Steps alternate between max_grad_norm = MAX_NORM (clipping) and 0 (off), as both are stateless."""
@@ -247,12 +258,7 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
         assert guard is None or not guard.hits, guard.hits
         assert all(p.grad is None for p in sparse.parameters())
         assert result.stats.grad_norm > MAX_NORM  # so the clipped steps clip
-        assert result.stats.l0 == s32[3], "the active sets differ"
-        for name, a, b, c in zip(result.stats._fields, result.stats, s32, s64):
-            check_rule(name, a, b, c, report)
-        for name in PARAMS:
-            check_rule(name, getattr(sparse, name).detach().cpu(), getattr(dense32, name).detach(),
-                       getattr(dense64, name).detach(), report)
+        check_against_dense(result, sparse, (s32, dense32), (s64, dense64), report)
         fired = torch.zeros(F, dtype=torch.bool)
         fired[result.indices.cpu()[result.values.cpu() > 0]] = True
         assert torch.equal(fired, (gap > 0).any(0))
@@ -335,12 +341,7 @@ def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step
         assert torch.equal(W_enc, sparse.W_enc.detach().to(compute_dtype))
         assert torch.equal(W_dec, sparse.W_dec.detach().to(compute_dtype))
         if last:
-            assert result.stats.l0 == s32[3], "the active sets differ"
-            for name, a, b, c in zip(result.stats._fields, result.stats, s32, s64):
-                check_rule(name, a, b, c, report)
-            for name in PARAMS:
-                check_rule(name, getattr(sparse, name).detach().cpu(), getattr(dense32, name).detach(),
-                           getattr(dense64, name).detach(), report)
+            check_against_dense(result, sparse, (s32, dense32), (s64, dense64), report)
     print(f"\n{compute_dtype}: error vs fp64 on the forked step", {k: f"{v:.1e}" for k, v in report.items()})
 
 
