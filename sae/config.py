@@ -23,6 +23,8 @@ SPARSITY_OBJECTIVES = ("l0", "target_l0")
 
 @dataclass
 class SAEConfig:
+    """The SAE: width, initialisation, backend and precision."""
+
     d_sae: int | None = None
     """Number of latents F. Default: expansion_factor * d_in."""
     expansion_factor: int = 4
@@ -76,6 +78,8 @@ class SAEConfig:
 
 @dataclass
 class ObjectiveConfig:
+    """The loss: reconstruction (mean or tilted) plus sparsity."""
+
     sparsity: str = "target_l0"
     """Sparsity term: "l0" = lambda * mean L0 (Gemma Scope), "target_l0" = lambda * (L0/target - 1)^2 (Salmon)."""
     l0_coefficient: float = 1.0
@@ -103,6 +107,8 @@ class ObjectiveConfig:
 
 @dataclass
 class OptimConfig:
+    """Adam, the learning-rate schedule and the batch."""
+
     lr: float = 1e-3
     """Adam learning rate (Gemma Scope 7e-5, Salmon 3e-4; the short offline default uses 1e-3)."""
     adam_beta1: float = 0.0
@@ -135,6 +141,8 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
+    """Length, output folder, device, checkpoints and logging."""
+
     steps: int = 256
     """Training steps; tokens trained on = steps * batch_size."""
     out_dir: str = "runs/default"
