@@ -101,17 +101,29 @@ class RingProducer:
         """Segment `index`, once filled; the consumer's stream waits for its writes (CUDA)."""
         if not self.threaded:
             assert index == self._next, "segments are consumed in order"
-            segment = self._fill_one()
+            try:
+                segment = self._fill_one() if not self._stop else self._stopped()
+            except _Stopped:
+                self._stopped()
         else:
             with self._cond:
-                while index not in self._ready and self._error is None:
+                while index not in self._ready and self._error is None and not self._stop:
                     self._cond.wait()
                 if self._error is not None:
                     raise self._error
+                if self._stop:
+                    self._stopped()
                 segment = self._ready.pop(index)
         if segment.ready is not None:
             torch.cuda.current_stream(self.ring.device).wait_event(segment.ready)
         return segment
+
+    @staticmethod
+    def _stopped():
+        raise RuntimeError(
+            "this harvester iterator was stopped (by close(), load_state_dict() or a newer iter() of the same "
+            "Harvester); iterate the Harvester again to continue from its position"
+        )
 
     def release(self, segment: Segment) -> None:
         """The consumer has issued its last read of the segment's half: the producer may overwrite it."""

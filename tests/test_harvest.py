@@ -342,3 +342,16 @@ def test_random_rows_feed_the_harvester(tiny_model, text_file):
     batches = take(iter(h), 4)
     assert batches[0].shape == (16, 32) and h.state_dict()["segment"] == 2
     h.close()
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_superseded_iterator_says_so_instead_of_hanging(tiny_model, text_file, overlap):
+    h = make(tiny_model, text_file, overlap=overlap)
+    old = iter(h)
+    take(old, 3)  # inside segment 1: the next batch needs a new segment from the producer
+    new = iter(h)
+    first = next(new)
+    with pytest.raises(RuntimeError, match="iterator was stopped"):
+        take(old, 4)
+    assert first.shape == (16, 32)
+    h.close()
