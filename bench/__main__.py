@@ -7,8 +7,9 @@ roofline (matmul rate and copy bandwidth measured at start-up), as a speed-up ov
 over torch.compile of it, with its peak device memory.
 
 Without flags: the full profile of the device (CUDA: the offline size and d_sae 16k to 1M at d_in 2304,
-batch 4096, plus the harvester on a Gemma-2-2B-shaped model; CPU: the offline size and the offline
-default's harvester, Triton kernels checked in the interpreter but not timed).
+batch 4096, the training step also in bf16 (triton-bf16, reference-bf16, compile-bf16), plus the harvester on
+a Gemma-2-2B-shaped model; CPU: the offline size and the offline default's harvester, Triton kernels checked
+in the interpreter but not timed, their bf16 cases not run).
 """
 
 from __future__ import annotations

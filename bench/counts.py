@@ -5,7 +5,9 @@ Each implementation is counted by its own algorithm: the Triton path by the spar
 `flops_and_bytes`), the dense reference and its torch.compile by the dense one; the sparse decode's reference
 has the kernel's signature and algorithm, so both share one count. Shapes: B tokens, D d_in, F d_sae, K mean
 active latents per row, W mean STE-window pairs per row, T touched latents (fired or in a window) per batch;
-all SAE tensors are float32 (4 bytes), as the trainer holds them. K, W and T are measured on each case's data.
+all SAE tensors are float32 (4 bytes), as the trainer holds them, except the products' operands of the 16-bit
+step cases (`elt` = 2 bytes per element of x, W_enc, W_dec and of the [B, F] operands, as they are read by the
+products). K, W and T are measured on each case's data.
 """
 
 from __future__ import annotations
@@ -53,30 +55,38 @@ def decode(B: int, D: int, F: int, K: int) -> tuple[float, float]:
     return flops, nbytes + (F - min(F, B * K)) * D * FP32
 
 
-def step_sparse(B: int, D: int, F: int, K: float, W: float, T: int) -> tuple[float, float]:
+def step_sparse(B: int, D: int, F: int, K: float, W: float, T: int, elt: int = FP32) -> tuple[float, float]:
     """`sparse_train_step`: `kernels.sae_step.flops_and_bytes` (forward and backward: the encode's 2BDF, the
-    K-row gathers of decode, dz and dL/dx, the latent-major weight gradients, the threshold gradient) less
-    its last term, the zero fill of two dense [F, D] gradients (this step writes compact [T, D] ones, which
-    latent_grads already counts), plus the optimizer over the touched latents: the sparse bytes of
-    `kernels.sparse_grads.optimizer_bytes` (72 * 4 * D * T) and ~10 FLOPs per updated weight (2 * D * T)."""
+    K-row gathers of decode, dz and dL/dx, the latent-major weight gradients, the threshold gradient; x, W_enc
+    and W_dec read as `elt`-byte operands) less its last term, the zero fill of two dense [F, D] gradients (this
+    step writes compact [T, D] ones, which latent_grads already counts), plus the optimizer over the touched
+    latents on the fp32 masters: the sparse bytes of `kernels.sparse_grads.optimizer_bytes` (72 * 4 * D * T) and
+    ~10 FLOPs per updated weight (2 * D * T). With 16-bit operands (elt < 4) also what the mixed-precision step
+    moves to keep them: x cast once (B * D * (4 + elt)) and the kept W_enc / W_dec copies re-rounded at the
+    touched latents (2 * T * D * (4 + elt)); the [F, D] copies are never re-cast."""
     from kernels import sae_step, sparse_grads
 
-    flops, nbytes = sae_step.flops_and_bytes(B, D, F, round(K), round(W), elt=FP32)
+    flops, nbytes = sae_step.flops_and_bytes(B, D, F, round(K), round(W), elt=elt)
     _, optimizer = sparse_grads.optimizer_bytes(D, F, T, elt=FP32)
-    return flops + 10 * 2 * D * T, nbytes - 2 * D * F * FP32 + optimizer
+    casts = 0 if elt == FP32 else (B * D + 2 * T * D) * (FP32 + elt)
+    return flops + 10 * 2 * D * T, nbytes - 2 * D * F * FP32 + optimizer + casts
 
 
-def step_dense(B: int, D: int, F: int) -> tuple[float, float]:
+def step_dense(B: int, D: int, F: int, elt: int = FP32) -> tuple[float, float]:
     """The dense reference step (Trainer.train_step's dense branch), 12BDF + 20DF FLOPs: the forward's
     (x - b_dec) W_enc and f W_dec, the backward's f^T dL/dx_hat, dL/dx_hat W_dec^T, (x - b_dec)^T dL/dz and
     dL/dz W_enc^T (b_dec's pre-encoder gradient), 2BDF each; ~10 FLOPs per weight in the optimizer.
-    Bytes: the [B, F] tensors the dense algorithm must materialise, f and dL/dz, each written and read once
-    (16BF); x and dL/dx_hat (8BD); both weight matrices read in the forward and again in the backward (16DF);
-    the optimizer as torch runs it: the dense bytes of `kernels.sparse_grads.optimizer_bytes` (58 * 4 * D * F)."""
+    Bytes, with `elt` bytes per operand element of the products (4; 2 under bf16 autocast): the [B, F] tensors
+    the dense algorithm must materialise, f and dL/dz, each written and read once as operands (4 * elt * BF);
+    x and dL/dx_hat (2 * elt * BD); both weight matrices read in the forward and again in the backward
+    (4 * elt * DF); under autocast also the cast of both fp32 masters to elt bytes each step (2 * (4 + elt) * DF);
+    the optimizer as torch runs it on the fp32 masters: the dense bytes of `kernels.sparse_grads.optimizer_bytes`
+    (58 * 4 * D * F)."""
     from kernels import sparse_grads
 
     optimizer, _ = sparse_grads.optimizer_bytes(D, F, 0, elt=FP32)
-    return 12 * B * D * F + 10 * 2 * D * F, 16 * B * F + 8 * B * D + 16 * D * F + optimizer
+    casts = 0 if elt == FP32 else 2 * (FP32 + elt) * D * F
+    return 12 * B * D * F + 10 * 2 * D * F, 4 * elt * B * F + 2 * elt * B * D + 4 * elt * D * F + casts + optimizer
 
 
 def lm_forward(config, layer: int, tokens: int, forwards: int, context: int, elt: int) -> tuple[float, float]:

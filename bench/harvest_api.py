@@ -62,7 +62,13 @@ class TrainerFeed:
 
     def __init__(self, first: Tensor, model_cfg: ModelConfig, data_cfg: DataConfig, buffer_cfg: BufferConfig,
                  d_sae: int, target_l0: float, device: torch.device, backend: str):
-        from sae.config import ObjectiveConfig, OptimConfig, RunConfig, SAEConfig, TrainConfig
+        from sae.config import (
+            ObjectiveConfig,
+            OptimConfig,
+            RunConfig,
+            SAEConfig,
+            TrainConfig,
+        )
         from sae.trainer import Trainer
 
         self._dir = tempfile.TemporaryDirectory(prefix="saekit-bench-")

@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from bench.runner import Env
 
 OP_ORDER = ("harvest", "step", "encode", "threshold-grad", "decode")
-IMPL_ORDER = ("triton", "reference", "compile", "bare", "harvester", "harvester+train")
+IMPL_ORDER = ("triton", "reference", "compile", "triton-bf16", "reference-bf16", "compile-bf16", "bare", "harvester",
+              "harvester+train")
 PROFILES = ("cuda", "cpu", "quick")
 
 
@@ -55,12 +56,14 @@ _DEFAULT_PROFILES = {"offline": ("cuda", "cpu", "quick"), "16k": ("cuda",), "65k
 
 
 def profiles_for(size: str, impl: str = "") -> frozenset[str]:
-    """Default selections of an SAE size: the offline size everywhere, the Gemma-2 widths on CUDA only; torch.compile
-    only up to 65536 latents (compiling costs about a minute per op and shape, and the dense reference it
-    compiles does not fit in memory at 2^20 latents): select the wider ones by name."""
-    if impl == "compile" and size in ("262k", "1m"):
+    """Default selections of an SAE size: the offline size everywhere, the Gemma-2 widths on CUDA only; the 16-bit
+    impls (`-bf16`, `-fp16`) on CUDA only (the performance targets' precision; Triton's interpreter cannot read
+    bf16); torch.compile only up to 65536 latents (compiling costs about a minute per op and shape, and the dense
+    reference it compiles does not fit in memory at 2^20 latents): select the wider ones by name."""
+    if impl.startswith("compile") and size in ("262k", "1m"):
         return frozenset()
-    return frozenset(_DEFAULT_PROFILES.get(size, ()))
+    profiles = frozenset(_DEFAULT_PROFILES.get(size, ()))
+    return profiles & {"cuda"} if impl.endswith(("-bf16", "-fp16")) else profiles
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Case:
     """"triton" (kernels: compiled on CUDA, interpreted and untimed on the CPU), "compile", or "torch"."""
     baselines: tuple[str, str | None] = ("reference", "compile")
     """Impls of the same op and size that speed-ups are computed against."""
+    dtype: str = "fp32"
+    """The products' operand dtype: "fp32", "bf16" (needs a GPU for Triton kernels) or "fp16"."""
 
     @property
     def name(self) -> str:

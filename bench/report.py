@@ -22,8 +22,8 @@ NOTES = [
     "TFLOP/s, GB/s: the case's own FLOP and byte counts (bench/counts.py) over the median time",
     ("%roof: floor / time, floor = max(FLOPs / measured matmul rate of the dtype, bytes / measured copy "
      "bandwidth); bound: which of the two sets the floor"),
-    ("x ref, x comp: tokens/s over the reference's and torch.compile's (same op and size); harvest: over the "
-     "bare truncated forward"),
+    ("x ref, x comp: tokens/s over the reference's and torch.compile's (same op and size; a -bf16 case over "
+     "reference-bf16's and compile-bf16's); harvest: over the bare truncated forward"),
     ("peak GiB: device memory the case allocated beyond the inputs shared by the cases of its size "
      "(torch.cuda.max_memory_allocated); not measured on the CPU"),
     "a MISMATCH case failed its equivalence check against the PyTorch reference and is not timed",
@@ -139,7 +139,9 @@ def plot(path: str | Path, records: list[dict[str, Any]], info: dict[str, Any]) 
     FigureCanvasAgg(fig)
     ax_tok, ax_roof = fig.subplots(1, 2)
     styles = {"triton": ("o-", "Triton sparse step"), "reference": ("s-", "dense reference"),
-              "compile": ("^--", "torch.compile(reference)")}
+              "compile": ("^--", "torch.compile(reference)"), "triton-bf16": ("o:", "Triton sparse step, bf16"),
+              "reference-bf16": ("s:", "dense reference, bf16 autocast"),
+              "compile-bf16": ("^:", "torch.compile(reference), bf16 autocast")}
     drawn = 0
     for impl, (style, label) in styles.items():
         pts = sorted((SAE_SIZES[r["size"]].F, r["tokens_per_s"], 100 * r.get("roofline_fraction", float("nan")),
@@ -176,7 +178,8 @@ def listing(cases) -> str:
     for c in cases:
         needs = {"triton": "Triton kernels (CUDA; checked in the interpreter on a CPU)",
                  "compile": "torch.compile (not run with --quick)"}.get(c.needs, "PyTorch")
-        lines.append(f"{c.name:<34}{','.join(sorted(c.profiles)) or '-':<20}{needs}")
+        operands = "" if c.dtype == "fp32" else f", {c.dtype} {'operands' if c.needs == 'triton' else 'autocast'}"
+        lines.append(f"{c.name:<34}{','.join(sorted(c.profiles)) or '-':<20}{needs}{operands}")
     return "\n".join(lines)
 
 

@@ -5,7 +5,8 @@ fp32, 2048^3), 2 * n^3 FLOPs, on random data (zeros can run faster). Copy bandwi
 of 1 GiB (CPU: 256 MiB, 64 MiB with --quick), counting the bytes read plus the bytes written. Both are the
 best of the timed repetitions: ceilings, not typical values (a shared CPU's median sags under other load).
 A case's floor is max(FLOPs / rate of its dtype, bytes / bandwidth): no implementation of its algorithm runs
-much faster, and the roofline fraction is floor / measured time.
+much faster, and the roofline fraction is floor / measured time. The bf16 and fp16 cases (16-bit operands, fp32
+accumulation) take the bf16 rate; where it is not measured (the CPU), the fp32 one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Roofline(NamedTuple):
 
     def floor_s(self, flops: float, nbytes: float, dtype: str) -> tuple[float, str]:
         """(the time floor, "compute" or "memory": which ceiling sets it)."""
+        if dtype == "fp16":  # the same tensor-core rate as bf16 on the GPUs here; bf16 is the one measured
+            dtype = "bf16"
         rate = self.matmul_tflops.get(dtype) or self.matmul_tflops["fp32"]
         compute, memory = flops / (rate * 1e12), nbytes / (self.copy_gbs * 1e9)
         return (compute, "compute") if compute >= memory else (memory, "memory")

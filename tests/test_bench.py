@@ -1,5 +1,6 @@
-"""`python -m bench`: the CPU quick run end to end, the case registry's errors, and that a wrong implementation is
-reported as a mismatch and never timed.
+"""`python -m bench`: the CPU quick run end to end, the case registry's errors, that a wrong implementation is
+reported as a mismatch and never timed, and the 16-bit training-step cases: bf16 on CUDA only, their code path
+checked here in float16 under Triton's interpreter by the same tight rule, which a perturbed step fails.
 
 Each `main` call measures the roofline first (~1 s on one core); --repeat-s keeps the timed part short.
 """
@@ -11,9 +12,15 @@ import json
 import pytest
 import torch
 
-from bench import registry
-from bench.__main__ import main
+import sae.sparse_step
+from bench import counts, registry
+from bench.__main__ import kernel_mode, main
 from bench.cases_kernels import decode_case
+from bench.cases_step import step_case
+from bench.checks import Comparison
+from bench.roofline import Roofline
+from bench.runner import Env
+from bench.timing import Timer
 from kernels import reference as R
 
 FAST = ["--quick", "--repeat-s", "0.02"]
@@ -109,3 +116,134 @@ def test_the_oracle_accepts_the_reference_itself():
     rows = torch.unique(idx)
     local = R.decode_sparse(torch.searchsorted(rows, idx), val, W[rows], b)
     torch.testing.assert_close(local, R.decode_sparse(idx, val, W, b))
+
+
+# -- the 16-bit training-step cases ------------------------------------------------------------------------------
+
+STEP_SIZES = ("offline", "16k", "65k", "262k", "1m")
+
+
+def test_bf16_step_cases_are_in_the_cuda_profile_only():
+    """triton-bf16 and reference-bf16 at every size where the fp32 step runs on CUDA, compile-bf16 where the fp32
+    compile does; none in the CPU or --quick selections; speed-ups against the bf16 baselines."""
+    cuda = {c.name: c for c in registry.select(None, "cuda")}
+    for size in STEP_SIZES:
+        for kind in ("triton", "reference", "compile"):
+            assert (f"step/{size}/{kind}-bf16" in cuda) == (f"step/{size}/{kind}" in cuda), (size, kind)
+        case = cuda[f"step/{size}/triton-bf16"]
+        assert case.dtype == "bf16" and case.needs == "triton"
+        assert case.baselines == ("reference-bf16", "compile-bf16")
+        assert cuda[f"step/{size}/reference"].baselines == ("reference", "compile")
+    assert "step/65k/compile-bf16" in cuda and "step/262k/compile-bf16" not in cuda
+    for profile in ("cpu", "quick"):
+        assert not [c.name for c in registry.select(None, profile) if c.dtype != "fp32"]
+
+
+def test_16bit_operands_count_two_bytes_and_take_the_bf16_rate():
+    B, D, F, T = 4096, 2304, 65536, 20000
+    flops32, bytes32 = counts.step_dense(B, D, F)
+    flops16, bytes16 = counts.step_dense(B, D, F, elt=2)
+    # The [B, F], [B, D] and [D, F] operands at 2 bytes, plus the per-step cast of both fp32 masters.
+    assert flops16 == flops32 and bytes32 - bytes16 == 8 * B * F + 4 * B * D + 8 * D * F - 12 * D * F
+    assert counts.step_sparse(B, D, F, 64, 3, T, elt=2)[1] < counts.step_sparse(B, D, F, 64, 3, T)[1]
+    roof = Roofline({"bf16": 800.0, "fp32": 50.0}, 4000.0, 8192, 2**31)
+    assert roof.floor_s(8e14, 1.0, "bf16") == roof.floor_s(8e14, 1.0, "fp16") == (1.0, "compute")
+
+
+@pytest.fixture
+def fp16_step():
+    """The triton-bf16 code path in float16 (Triton's interpreter cannot read bf16) at the tiny size."""
+    case = registry.register(step_case("tiny", "triton", torch.float16))
+    yield case
+    registry.unregister(case.name)
+
+
+def test_16bit_step_is_checked_in_fp16_and_bf16_is_reported_not_run(tmp_path, fp16_step):
+    out = tmp_path / "bench.json"
+    rc = main([*FAST, "--case", "step/tiny/triton-fp16", "--case", "step/tiny/*-bf16", "--json", str(out)])
+    assert rc == 0
+    cases = load(out)["by_case"]
+    bf16 = cases["step/tiny/triton-bf16"]
+    if load(out)["meta"]["kernels"] == "interpreted":
+        assert bf16["status"] == "not run" and bf16["check"] is None
+        assert bf16["reason"] == "not run: bf16 needs a GPU (the interpreter cannot read bf16)"
+    fp16 = cases["step/tiny/triton-fp16"]
+    assert fp16["check"]["ok"], fp16["check"]["failures"]
+    assert fp16["status"] in ("not timed", "ok") and "fp16 operands" in fp16["check"]["shape"]
+    errors = fp16["check"]["errors"]
+    assert errors["touched latents"] == {"error": 0.0, "allowed": 0.0}
+    assert {"gradient b_dec", "loss", "W_enc after the step", "W_dec of untouched latents"} <= set(errors)
+    # The tight rule: every bound is fp32-sized (2 x torch's fp32 error + 2^-18 x magnitude), never a 16-bit one.
+    assert max(e["allowed"] for e in errors.values()) < 2**-11
+    # The autocast baseline runs on the CPU as well (CPU autocast), checked against the exact step.
+    ref = cases["step/tiny/reference-bf16"]
+    assert ref["status"] == "ok" and ref["check"]["ok"] and ref["dtype"] == "bf16"
+    assert "eps 0.25, autocast bf16" in ref["check"]["shape"]
+    assert ref["baseline_reference"] == "reference-bf16" and ref["speedup_vs_reference"] == pytest.approx(1.0)
+    assert all(e["error"] <= e["allowed"] for e in ref["check"]["errors"].values())
+
+
+def _env() -> Env:
+    device = torch.device("cpu")
+    kernels, reason = kernel_mode(device)
+    if kernels != "interpreted":
+        pytest.skip(f"needs Triton's interpreter: {reason}")
+    return Env(device, True, kernels, reason, Timer(device))
+
+
+def _moved_b_dec(monkeypatch) -> None:
+    """The step's result perturbed: b_dec moved by 2^-12 of itself after the step."""
+    real = sae.sparse_step.sparse_train_step
+
+    def perturbed(model, *args, **kw):
+        step = real(model, *args, **kw)
+        with torch.no_grad():
+            model.b_dec.mul_(1 + 2.0**-12)
+        return step
+
+    monkeypatch.setattr(sae.sparse_step, "sparse_train_step", perturbed)
+
+
+def _unrounded_operands(monkeypatch) -> None:
+    """The kernels fed the fp32 x, W_enc, W_dec instead of their fp16 roundings (the products no longer round)."""
+    from kernels import sparse_grads
+    from kernels.sae_step import Operands
+
+    monkeypatch.setattr(sparse_grads, "_operands", lambda x, W_enc, W_dec, compute_dtype, kept: Operands(x, W_enc, W_dec))
+
+
+@pytest.mark.parametrize("perturb, first", [(_moved_b_dec, "b_dec after the step"), (_unrounded_operands, None)])
+def test_a_perturbed_16bit_step_fails_the_tight_rule(fp16_step, monkeypatch, perturb, first):
+    """The same check passes the step, then fails it perturbed by far less than the 16-bit floor the suite used to
+    allow (2^-4 for fp16): b_dec moved by 2^-12 after the step, or operands not rounded to fp16 at all (errors about
+    half an fp16 unit roundoff, 2^-12, at every output)."""
+    env = _env()
+    assert fp16_step.check(env).ok
+    perturb(monkeypatch)
+    check = fp16_step.check(env)
+    assert not check.ok
+    failed = {f.split(":")[0] for f in check.failures}
+    worst = max(check.errors[name]["error"] for name in failed if name in check.errors)
+    assert worst < 2.0**-4 and all(check.errors[name]["allowed"] < 2.0**-14 for name in failed)
+    if first:  # only what was moved fails
+        assert failed == {first} and check.errors[first]["error"] > 2.0**-13
+    else:  # every product's rounding is missing: the gradients, the statistics, the parameters
+        assert {"gradient W_enc", "gradient W_dec", "loss", "W_dec after the step"} <= failed
+
+
+def test_the_precision_rule_is_condition_aware():
+    """bench.checks ports tests/test_kernels_common.py `assert_matches`: a cancelling output (value 0.058, magnitude
+    380: the d b_dec counterexample there) may be off by far more than twice torch's lucky error, within 2^-18 M;
+    not beyond it, never NaN; and a magnitude below torch's own error is reported as a wrong model."""
+    value, M = torch.tensor([0.058, 1e-3]), torch.tensor([380.0, 1.0])
+    ref64, ref32 = value.double(), value.double() + torch.tensor([0.006, 0.0]) * 2.0**-24 * M.double()
+    ok, bad = ref64 + 0.048 * 2.0**-24 * M.double(), ref64 + 2.0**-17 * M.double()
+    cmp = Comparison("test")
+    cmp.rule("plain", ok, ref32, ref64)
+    cmp.rule("condition-aware", ok, ref32, ref64, M)
+    cmp.rule("too far", bad, ref32, ref64, M)
+    cmp.rule("nan", torch.tensor([float("nan"), 1e-3]), ref32, ref64, M)
+    cmp.rule("wrong magnitude", ref64, ref32, ref64, M * 1e-6)
+    failed = {f.split(":")[0] for f in cmp.result().failures}
+    assert failed == {"plain", "too far", "nan", "wrong magnitude"}
+    assert cmp.errors["condition-aware"]["error"] <= cmp.errors["condition-aware"]["allowed"]
