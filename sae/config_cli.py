@@ -51,6 +51,21 @@ def _parse_optional(kind: type):
     return parse
 
 
+def _parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(f"{text!r} is not true or false")
+    return text.lower() == "true"
+
+
+def value_parser(annotation: Any) -> tuple[type, Any]:
+    """(scalar type, parser of one value from text) of a field's annotation: "none" is None for optional
+    fields, "true"/"false" for booleans."""
+    kind, optional = _base_type(annotation)
+    if kind is bool:
+        return kind, _parse_bool
+    return kind, _parse_optional(kind) if optional else kind
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -64,7 +79,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
         section_hints = typing.get_type_hints(section_cls)
         docs = field_docs(section_cls)
         for f in dataclasses.fields(section_cls):
-            kind, optional = _base_type(section_hints[f.name])
+            kind, parse = value_parser(section_hints[f.name])
             default = f.default
             help_text = f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%")  # argparse formats help
             if kind is bool:
@@ -73,7 +88,6 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
                     default=argparse.SUPPRESS, help=help_text,
                 )
             else:
-                parse = _parse_optional(kind) if optional else kind
                 group.add_argument(
                     flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS,
                     metavar=kind.__name__.upper(), help=help_text,

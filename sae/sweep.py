@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sae.config import TrainConfig
-from sae.config_cli import _base_type, _parse_optional
+from sae.config_cli import value_parser
 from sae.errors import ConfigError
 from sae.fanout import Fanout
 
@@ -37,16 +37,8 @@ def _field_types() -> dict[str, tuple[str, Any]]:
         for f in dataclasses.fields(hints[section.name]):
             if (section.name in _SWEEPABLE_SECTIONS and f.name not in _NOT_SWEEPABLE) or \
                     _EXTRA_SWEEPABLE.get(f.name) == section.name:
-                kind, optional = _base_type(section_hints[f.name])
-                parse = _parse_bool if kind is bool else (_parse_optional(kind) if optional else kind)
-                out[f.name] = (section.name, parse)
+                out[f.name] = (section.name, value_parser(section_hints[f.name])[1])
     return out
-
-
-def _parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise ValueError(f"{text!r} is not true or false")
-    return text.lower() == "true"
 
 
 def parse_grid(specs: list[str]) -> dict[str, list]:
