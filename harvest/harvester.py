@@ -143,19 +143,18 @@ class Harvester:
             while True:
                 segment = producer.wait(self._segment)
                 bar.close()
-                half = self._ring[segment.half]
+                half, perm_pass = self._ring[segment.half], None
                 while self._segment == segment.index:
-                    rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, segment.index, self._pass])
-                    perm = torch.from_numpy(rng.permutation(self.segment_tokens)).to(self.device)
-                    pass_ = self._pass
-                    while self._pass == pass_ and self._segment == segment.index:
-                        start = self._batch * self.batch_size
-                        batch = half.index_select(0, perm[start:start + self.batch_size])
-                        batch = batch.to(torch.float32)
-                        self._advance(segment)
-                        if self._segment != segment.index:
-                            producer.release(segment)
-                        yield batch[:, 0] if len(self.layers) == 1 else batch
+                    if perm_pass != self._pass:  # each pass over the half in its own seeded order
+                        perm_pass = self._pass
+                        rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, segment.index, self._pass])
+                        perm = torch.from_numpy(rng.permutation(self.segment_tokens)).to(self.device)
+                    start = self._batch * self.batch_size
+                    batch = half.index_select(0, perm[start:start + self.batch_size]).to(torch.float32)
+                    self._advance(segment)
+                    if self._segment != segment.index:
+                        producer.release(segment)
+                    yield batch[:, 0] if len(self.layers) == 1 else batch
         finally:
             bar.close()
             producer.stop()

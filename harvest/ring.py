@@ -20,7 +20,6 @@ from .segments import SegmentFiller
 class Segment(NamedTuple):
     index: int
     half: int
-    start: dict  # cursor where this segment's first token comes from
     end: dict  # cursor of the next segment
     ready: torch.cuda.Event | None  # recorded on the producer's stream after the last write (CUDA only)
 
@@ -54,7 +53,6 @@ class RingProducer:
     def _fill_one(self) -> Segment:
         index = self._next
         half = index % 2
-        start = self.filler.cursor()
         progress = self.progress if index == self._first and self.progress else (lambda n: None)
         if self.cuda and self.threaded:
             with torch.cuda.stream(self._stream):
@@ -69,7 +67,7 @@ class RingProducer:
         if not done:
             raise _Stopped
         self._next += 1
-        return Segment(index, half, start, self.filler.cursor(), ready)
+        return Segment(index, half, self.filler.cursor(), ready)
 
     def _stopping(self) -> bool:
         return self._stop
