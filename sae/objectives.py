@@ -4,10 +4,15 @@ sparsity terms (RECIPES sections 1 and 2)."""
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
+
+
+SparsityKind = Literal["l0", "target_l0"]
+SPARSITY_KINDS: tuple[str, ...] = get_args(SparsityKind)
 
 
 class Loss(NamedTuple):
@@ -34,7 +39,7 @@ def tilted_mean(losses: Tensor, tilt: float) -> Tensor:
     return (torch.logsumexp(losses * tilt, dim=0) - math.log(losses.numel())) / tilt
 
 
-def sparsity_loss(l0: Tensor, kind: str, coefficient: float, target_l0: float) -> Tensor:
+def sparsity_loss(l0: Tensor, kind: SparsityKind, coefficient: float, target_l0: float) -> Tensor:
     """The sparsity term from the per-row L0 [B] (which carries the threshold STE gradient).
 
     "l0" (Gemma Scope): coefficient * mean_b L0.
@@ -45,14 +50,33 @@ def sparsity_loss(l0: Tensor, kind: str, coefficient: float, target_l0: float) -
         return coefficient * mean_l0
     if kind == "target_l0":
         return coefficient * (mean_l0 / target_l0 - 1.0) ** 2
-    raise ValueError(f"unknown sparsity objective {kind!r}; use 'l0' or 'target_l0'")
+    raise ValueError(f"unknown sparsity objective {kind!r}; use one of {SPARSITY_KINDS}")
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The training loss of one step as a function of per-token errors and per-row L0: the one definition
+    both steps use. The dense step differentiates it with autograd through the SAE; the sparse step's kernels
+    take only its gradients with respect to `errors` and `l0` (two [B] vectors) from it.
+
+    sparsity, coefficient, target_l0: the sparsity term (coefficient already warmed up for this step).
+    tilt: TERM tilt of the reconstruction term (0: the plain mean).
+    """
+
+    sparsity: SparsityKind
+    coefficient: float
+    target_l0: float
+    tilt: float = 0.0
+
+    def __call__(self, errors: Tensor, l0: Tensor) -> Loss:
+        """errors: [B] ||x - x_hat||^2 summed over d_in; l0: [B] active latents per row."""
+        mse = errors.mean()
+        rec = mse if self.tilt == 0 else tilted_mean(errors, self.tilt)
+        sp = sparsity_loss(l0, self.sparsity, self.coefficient, self.target_l0)
+        return Loss(rec + sp, rec, mse.detach(), sp)
 
 
 def sae_loss(
-    x: Tensor, x_hat: Tensor, l0: Tensor, kind: str, coefficient: float, target_l0: float, tilt: float = 0.0
+    x: Tensor, x_hat: Tensor, l0: Tensor, kind: SparsityKind, coefficient: float, target_l0: float, tilt: float = 0.0
 ) -> Loss:
-    errors = per_token_error(x, x_hat)
-    mse = errors.mean()
-    rec = mse if tilt == 0 else tilted_mean(errors, tilt)
-    sp = sparsity_loss(l0, kind, coefficient, target_l0)
-    return Loss(rec + sp, rec, mse.detach(), sp)
+    return Objective(kind, coefficient, target_l0, tilt)(per_token_error(x, x_hat), l0)
