@@ -21,7 +21,7 @@ special (BOS) position's.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -218,11 +218,7 @@ def _check(size: str, impl: str) -> Callable[[Env], Check]:
             return _check_bare(env, s).result()
         cmp, first = _check_harvester(env, s, _stream(s, env))
         if impl == "harvester+train" and cmp.result().ok:
-            feed = _feed(env, s, first)
-            try:
-                stats = feed.step(first)
-            finally:
-                feed.close()
+            stats = _feed(env, s, iter([first])).step()
             if not all(math.isfinite(v) for v in stats) or not stats.l0 > 0:
                 cmp.fail(f"train_step on a harvested batch gave {stats}")
         return cmp.result()
@@ -234,9 +230,10 @@ def _stream(s: LMSetup, env: Env) -> api.Batches:
     return api.Batches(s.model, s.tokenizer, s.model_cfg, s.data_cfg, s.buffer_cfg, s.batch, env.device)
 
 
-def _feed(env: Env, s: LMSetup, first: Tensor) -> api.TrainerFeed:
+def _feed(env: Env, s: LMSetup, source: Iterator[Tensor]) -> api.TrainerFeed:
     backend = "triton" if env.kernels == "compiled" else "reference"
-    return api.TrainerFeed(first, s.model_cfg, s.data_cfg, s.buffer_cfg, s.d_sae, s.target_l0, env.device, backend)
+    return api.TrainerFeed(source, s.model_cfg, s.data_cfg, s.buffer_cfg, s.batch, s.d_sae, s.target_l0, env.device,
+                           backend)
 
 
 def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
@@ -257,7 +254,8 @@ def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
         if impl == "harvester":
             return Workload(lambda: [next(stream) for _ in range(n)], flops, nbytes, tokens, s.dtype,
                             note=f"one segment: {n} batches of {s.batch}", wall_clock=True, cleanup=stream.close)
-        feed = _feed(env, s, next(stream))
+        feed = _feed(env, s, stream)
+        feed.step()  # the first batch: initialisation and the first step, before the timed segment
         D = config.get_text_config().hidden_size
         sparse = feed.trainer.sparse_step
         if sparse:  # nominal L0, no window pairs counted
@@ -265,12 +263,8 @@ def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
             step_flops, step_bytes = counts.step_sparse(s.batch, D, s.d_sae, s.target_l0, 0, touched)
         else:
             step_flops, step_bytes = counts.step_dense(s.batch, D, s.d_sae)
-        def cleanup() -> None:
-            stream.close()
-            feed.close()
-
-        return Workload(lambda: [feed.step(next(stream)) for _ in range(n)], flops + n * step_flops,
-                        nbytes + n * step_bytes, tokens, s.dtype, wall_clock=True, cleanup=cleanup,
+        return Workload(lambda: [feed.step() for _ in range(n)], flops + n * step_flops,
+                        nbytes + n * step_bytes, tokens, s.dtype, wall_clock=True, cleanup=stream.close,
                         note=f"one segment + {n} {'sparse' if sparse else 'dense'} steps, F={s.d_sae}")
 
     return prepare

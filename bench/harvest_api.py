@@ -8,8 +8,7 @@ ahead in background threads). Adapt this module when those change.
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,14 +53,17 @@ def offline_default() -> tuple[nn.Module, object, ModelConfig, DataConfig]:
 
 
 class TrainerFeed:
-    """A `sae.trainer.Trainer` (sparse step on CUDA, dense elsewhere) fed harvested batches by `step`.
+    """A `sae.trainer.Trainer` (sparse step on CUDA, dense elsewhere) drawing its batches from `source`, one
+    `Trainer.fit_step` per `step()`: the loop `python -m sae train` runs, without its run folder (`write=False`:
+    nothing is written to disk).
 
-    Built on one batch (activation scale, b_dec mean, thresholds for an initial L0 of `init_l0`); writes its
-    run files to a temporary folder removed by `close`.
+    Initialised on the source's first batch (activation scale, b_dec mean, thresholds for an initial L0 of
+    `target_l0`), which its first step then trains on, as a run does.
     """
 
-    def __init__(self, first: Tensor, model_cfg: ModelConfig, data_cfg: DataConfig, buffer_cfg: BufferConfig,
-                 d_sae: int, target_l0: float, device: torch.device, backend: str):
+    def __init__(self, source: Iterable[Tensor], model_cfg: ModelConfig, data_cfg: DataConfig,
+                 buffer_cfg: BufferConfig, batch_size: int, d_sae: int, target_l0: float, device: torch.device,
+                 backend: str):
         from sae.config import (
             ObjectiveConfig,
             OptimConfig,
@@ -71,21 +73,16 @@ class TrainerFeed:
         )
         from sae.trainer import Trainer
 
-        self._dir = tempfile.TemporaryDirectory(prefix="saekit-bench-")
         cfg = TrainConfig(
             model=model_cfg, data=data_cfg, buffer=buffer_cfg,
             sae=SAEConfig(d_sae=d_sae, init_l0=target_l0, backend=backend),
             objective=ObjectiveConfig(target_l0=target_l0, sparsity_warmup_steps=0),
-            optim=OptimConfig(batch_size=first.shape[0], lr=1e-4, lr_warmup_steps=0),
-            run=RunConfig(steps=10**9, out_dir=self._dir.name, device=str(device), init_batches=1,
+            optim=OptimConfig(batch_size=batch_size, lr=1e-4, lr_warmup_steps=0),
+            run=RunConfig(steps=10**9, device=str(device), init_batches=1,
                           log_every=10**9, checkpoint_every=10**9),
         )  # fmt: skip
-        self.trainer = Trainer(cfg, [first], progress=False)
+        self.trainer = Trainer(cfg, source, progress=False, write=False)
 
-    def step(self, x: Tensor):
-        """One `Trainer.train_step` on a raw batch, scaled as `Trainer.fit` scales it."""
-        t = self.trainer
-        return t.train_step(x.to(t.device, torch.float32) * t.scale)
-
-    def close(self) -> None:
-        self._dir.cleanup()
+    def step(self):
+        """One `Trainer.fit_step`: the next batch, scaled, trained on; its `StepStats`."""
+        return self.trainer.fit_step()

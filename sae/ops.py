@@ -6,9 +6,12 @@ including under `compute_dtype` (mixed precision: 16-bit products, fp32 accumula
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from harvest.lm import resolve_device
 from kernels import reference
 from kernels.reference import Forward
 from sae.errors import ConfigError
@@ -50,6 +53,24 @@ def resolve_backend(name: str, device: torch.device) -> str:
                 "or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) CPU interpreter"
             )
     return name
+
+
+class Compute(NamedTuple):
+    """Where and how a run's SAE computes, resolved once from the config's "auto"s."""
+
+    device: torch.device
+    backend: str  # "reference" or "triton"
+    dtype: torch.dtype  # the products' operand dtype
+
+
+def resolve_compute(backend: str, compute_dtype: str, device: str) -> Compute:
+    """The run's device ("auto": cuda when available), backend ("auto": triton on CUDA) and compute dtype
+    ("auto": bfloat16 on CUDA, float32 elsewhere), each refused early where it cannot run."""
+    resolved = resolve_device(device)
+    name = resolve_backend(backend, resolved)
+    if compute_dtype == "auto":
+        compute_dtype = "bfloat16" if resolved.type == "cuda" else "float32"
+    return Compute(resolved, name, resolve_compute_dtype(compute_dtype, name))
 
 
 def sae_forward(

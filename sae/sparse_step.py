@@ -32,14 +32,18 @@ will) does not fix Triton's interpreter mode for the process (see tests/test_ker
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
+from sae.config import OptimConfig
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
+from sae.objectives import Objective
 from sae.sparse_adam import LazyAdam
+from sae.steps import SPARSE_PREFIX, StepResult, saved_optimizer_state
 
 if TYPE_CHECKING:
     from kernels.sae_step import Blocks
@@ -59,7 +63,7 @@ class SparseStepStats(NamedTuple):
     grad_norm: float  # before clipping, of all parameters' gradients
 
 
-class SparseStep(NamedTuple):
+class SparseUpdate(NamedTuple):
     stats: SparseStepStats
     indices: Tensor  # [B, K] int64 active latents per row (for dead-latent tracking, like Forward.indices)
     values: Tensor  # [B, K] their values; > 0 marks a used slot
@@ -139,7 +143,7 @@ def sparse_train_step(
     capacity: int | None = None,
     window_capacity: int | None = None,
     blocks: Blocks | None = None,
-) -> SparseStep:
+) -> SparseUpdate:
     """One training step, identical in mathematics to `Trainer.train_step`, touching only the touched latents.
 
     Args:
@@ -194,4 +198,38 @@ def sparse_train_step(
         out.loss.item(), out.reconstruction.item(), out.sparsity.item(), out.l0.mean().item(), explained.item(),
         grad_norm.item(),
     )  # fmt: skip
-    return SparseStep(stats, out.indices, out.values.to(x.dtype), out.reruns, int(out.l0.max().item()))
+    return SparseUpdate(stats, out.indices, out.values.to(x.dtype), out.reruns, int(out.l0.max().item()))
+
+
+class SparseStep:
+    """`sae.steps.TrainStep` on the Triton kernels: `sparse_train_step` with a `LazyAdam` (Adam beta1 = 0).
+
+    It also sizes the fused encode's slots per row from the previous batch: 25% above its largest L0, so an
+    overflow (a second encode) stays rare while the compact lists stay small.
+    """
+
+    def __init__(self, model: JumpReLUSAE, optim: OptimConfig):
+        if optim.adam_beta1 != 0.0:
+            raise ValueError(f"the sparse step needs Adam beta1 = 0; got {optim.adam_beta1}")
+        self.model = model
+        self.max_grad_norm = optim.max_grad_norm
+        self.optimizer = build_lazy_adam(model, optim.adam_beta2, optim.adam_eps)
+        self.capacity: int | None = None  # None: the kernel's default for the first batch
+
+    def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
+        step = sparse_train_step(
+            self.model, self.optimizer, x, lr, objective.sparsity, objective.coefficient, objective.target_l0,
+            self.max_grad_norm, capacity=self.capacity,
+        )  # fmt: skip
+        self.capacity = min(self.model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
+        st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
+        return StepResult(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0, st.explained_variance,
+                          st.grad_norm, float(step.reruns), step.indices, step.values)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {f"{SPARSE_PREFIX}{k}": v for k, v in self.optimizer.state_dict().items()}
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """LazyAdam state from "lazy_adam." tensors, or converted exactly from the dense step's "optim." ones."""
+        by_name, lazy = saved_optimizer_state(tensors)
+        self.optimizer.load_state_dict(lazy or lazy_state_from_adam(self.optimizer, by_name))

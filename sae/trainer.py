@@ -8,8 +8,6 @@ and saves checkpoints whose SAE acts on raw x.
 from __future__ import annotations
 
 import dataclasses
-import json
-import math
 import time
 import warnings
 from collections.abc import Iterable
@@ -20,22 +18,19 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from harvest.lm import resolve_device
 from sae import checkpoint as ckpt
 from sae.batches import BatchStream
-from sae.config import TrainConfig
+from sae.config import OptimConfig, TrainConfig
+from sae.dense_step import DenseStep
 from sae.errors import ConfigError
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
-from sae.objectives import sae_loss
-from sae.ops import resolve_backend, resolve_compute_dtype
+from sae.objectives import Objective
+from sae.ops import resolve_compute
 from sae.pretrained import load_pretrained
+from sae.run_folder import RunFolder
 from sae.schedule import lr_at, sparsity_coefficient_at
-from sae.sparse_step import (
-    adam_state_from_lazy,
-    build_lazy_adam,
-    lazy_state_from_adam,
-    sparse_train_step,
-)
+from sae.sparse_step import SparseStep
+from sae.steps import TrainStep
 
 # Sections that fix the data stream or the SAE's shape: a resumed run must keep them, except where the
 # computation runs (a CPU run may continue on a GPU).
@@ -57,7 +52,7 @@ class StepStats(NamedTuple):
 
 
 class TrainSummary(NamedTuple):
-    checkpoint: Path
+    checkpoint: Path | None  # None for a Trainer built with write=False
     step: int
     tokens: int
     l0: float
@@ -66,11 +61,15 @@ class TrainSummary(NamedTuple):
     dead_window_tokens: int
 
 
-def explained_variance(x: Tensor, x_hat: Tensor) -> Tensor:
-    """1 - sum||x - x_hat||^2 / sum||x - mean(x)||^2 over the batch (variance about the mean, RECIPES 3)."""
-    residual = (x - x_hat).pow(2).sum()
-    total = (x - x.mean(dim=0)).pow(2).sum()
-    return 1.0 - residual / total
+def uses_sparse_step(backend: str, optim: OptimConfig) -> bool:
+    """The sparse step needs the kernels and Adam beta1 = 0 (RECIPES 1: then a latent with a zero gradient gets
+    an exact lazy decay of its second moment and no update); every other run takes the dense step."""
+    return backend == "triton" and optim.adam_beta1 == 0.0
+
+
+def make_step(model: JumpReLUSAE, backend: str, optim: OptimConfig) -> TrainStep:
+    """The run's step (`sae.steps.TrainStep`), chosen once from the resolved backend and the optimizer."""
+    return SparseStep(model, optim) if uses_sparse_step(backend, optim) else DenseStep(model, optim)
 
 
 class Trainer:
@@ -83,6 +82,8 @@ class Trainer:
         metadata: cfg.json "metadata" (model_name, hook_name, ...), from the harvester.
         resume: a run folder or checkpoint folder to continue from.
         progress: show a progress bar.
+        write: keep the run folder cfg.run.out_dir (config, metrics log, checkpoints); False: touch no file
+            (logged records stay in `last_logged`; `save_checkpoint` refuses).
     """
 
     def __init__(
@@ -92,12 +93,13 @@ class Trainer:
         metadata: dict[str, Any] | None = None,
         resume: str | Path | None = None,
         progress: bool = True,
+        write: bool = True,
     ):
         self.cfg = cfg
         self.batches = BatchStream(source)
         self.metadata = metadata or {}
         self.progress = progress
-        self.device = resolve_device(cfg.run.device)
+        self.folder = RunFolder(cfg.run.out_dir) if write else None
         self.out_dir = Path(cfg.run.out_dir)
         self.step = 0
         self.tokens = 0
@@ -107,11 +109,8 @@ class Trainer:
         self._window: list[StepStats] | None = None  # steps since the last log line (None: none yet)
         self._t0, self._tokens0 = 0.0, 0
         state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
-        if state is None and ckpt.has_checkpoints(self.out_dir):
-            raise ckpt.CheckpointError(
-                f"{self.out_dir} already holds a run; continue it with --resume {self.out_dir} "
-                "or pick another --out-dir"
-            )
+        if state is None and self.folder is not None:
+            self.folder.refuse_existing_run()
         d_in = int(state.info["d_in"]) if state else self._source_width(source)
         self.pretrained = load_pretrained(cfg.sae.init_from) if cfg.sae.init_from and state is None else None
         if state is not None:
@@ -119,28 +118,23 @@ class Trainer:
         else:
             d_sae = self._pretrained_width(d_in) if self.pretrained is not None else cfg.sae.width(d_in)
         cfg.check_width(d_in, d_sae)
-        backend = resolve_backend(cfg.sae.backend, self.device)
-        dtype_name = cfg.sae.compute_dtype
-        if dtype_name == "auto":
-            dtype_name = "bfloat16" if self.device.type == "cuda" else "float32"
-        self.compute_dtype = resolve_compute_dtype(dtype_name, backend)
-        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, backend, self.compute_dtype).to(self.device)
-        # With the kernels and beta1 = 0 the whole step is sparse, optimizer included (sae/sparse_step.py).
-        self.sparse_step = backend == "triton" and cfg.optim.adam_beta1 == 0.0 and cfg.objective.tilt == 0.0
-        if self.sparse_step:
-            self.optimizer = build_lazy_adam(self.model, cfg.optim.adam_beta2, cfg.optim.adam_eps)
-        else:
-            self.optimizer = torch.optim.Adam(
-                [getattr(self.model, name) for name in PARAM_NAMES], lr=cfg.optim.lr,
-                betas=(cfg.optim.adam_beta1, cfg.optim.adam_beta2), eps=cfg.optim.adam_eps,
-            )
-        self.capacity: int | None = None  # encode slots per row of the sparse step; None: the kernel's default
+        compute = resolve_compute(cfg.sae.backend, cfg.sae.compute_dtype, cfg.run.device)
+        self.device, self.compute_dtype = compute.device, compute.dtype
+        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, compute.backend, compute.dtype).to(self.device)
+        self.stepper = make_step(self.model, compute.backend, cfg.optim)
         self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
         if state is not None:
             self._restore(state)
         else:
             self._initialise()
+        if self.folder is not None:
+            self.folder.start(cfg.to_dict(), None if state is None else self.step)
         self._saved_step = self.step
+
+    @property
+    def sparse_step(self) -> bool:
+        """Whether the run takes the sparse step (Triton kernels and LazyAdam)."""
+        return isinstance(self.stepper, SparseStep)
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -178,9 +172,6 @@ class Trainer:
                 self.model.b_dec.copy_(x.mean(0))
             if cfg.sae.init_l0 is not None:
                 self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=THRESHOLD_FLOOR)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "metrics.jsonl").write_text("")
-        (self.out_dir / "run_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
 
     def _restore(self, state: ckpt.TrainingState) -> None:
         info, tensors = state
@@ -201,7 +192,7 @@ class Trainer:
         with torch.no_grad():
             for name in PARAM_NAMES:
                 getattr(self.model, name).copy_(tensors[f"param.{name}"])
-        self._restore_optimizer(tensors)
+        self.stepper.load_state_dict(tensors)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         ckpt.restore_rng(tensors)
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
@@ -210,78 +201,22 @@ class Trainer:
             self.batches.load_state_dict(self.data_position)
         elif self.step > 0:
             warnings.warn("the checkpoint has no data position: the batch source starts again from its beginning")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
-        self._truncate_metrics()
-
-    def _restore_optimizer(self, tensors: dict[str, Tensor]) -> None:
-        """Load Adam's state, converting between the dense and the sparse step's formats if the backend changed."""
-        lazy = {k[len("lazy_adam."):]: v for k, v in tensors.items() if k.startswith("lazy_adam.")}
-        by_name: dict[str, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optim."):
-                name, moment = key[len("optim."):].split(".", 1)
-                by_name.setdefault(name, {})[moment] = value
-        if self.sparse_step:
-            self.optimizer.load_state_dict(lazy or lazy_state_from_adam(self.optimizer, by_name))
-            return
-        if lazy:
-            by_name = adam_state_from_lazy(lazy)
-        state = {  # the optimizer holds the parameters in PARAM_NAMES order
-            i: {k: v if k == "step" else v.to(self.device) for k, v in by_name[name].items()}
-            for i, name in enumerate(PARAM_NAMES) if name in by_name
-        }
-        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics lines logged after the checkpoint, so the resumed run's log reads as one run."""
-        path = self.out_dir / "metrics.jsonl"
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= self.step]
-            path.write_text("".join(ln + "\n" for ln in lines))
 
     # -- one step ----------------------------------------------------------------------------------
 
     def train_step(self, x: Tensor) -> StepStats:
-        """Forward, loss, backward, decoder-gradient projection, clipping, Adam, renormalisation."""
-        cfg, model = self.cfg, self.model
+        """One step of the run's `TrainStep` at this step's learning rate and sparsity coefficient."""
+        cfg = self.cfg
         lr = lr_at(self.step, cfg.optim.lr, cfg.optim.lr_warmup_steps, cfg.run.steps, cfg.optim.lr_decay_fraction)
         coefficient = sparsity_coefficient_at(
             self.step, cfg.objective.l0_coefficient, cfg.objective.sparsity_warmup_steps
         )
-        if self.sparse_step:
-            step = sparse_train_step(
-                model, self.optimizer, x, lr, cfg.objective.sparsity, coefficient, cfg.objective.target_l0,
-                cfg.optim.max_grad_norm, capacity=self.capacity,
-            )
-            # Slots per row for the next encode: 25% above this batch's largest L0, so overflow (a second
-            # encode) stays rare while the compact lists stay small.
-            self.capacity = min(model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
-            self._track_fires(step.indices, step.values)
-            st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
-            return StepStats(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0,
-                             st.explained_variance, st.grad_norm, lr, coefficient, float(step.reruns))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        out = model(x)
-        loss = sae_loss(
-            x, out.x_hat, out.l0, cfg.objective.sparsity, coefficient, cfg.objective.target_l0, cfg.objective.tilt
-        )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        model.project_decoder_grad()
-        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        self.optimizer.step()
+        objective = Objective(cfg.objective.sparsity, coefficient, cfg.objective.target_l0, cfg.objective.tilt)
+        out = self.stepper(x, lr, objective)
         with torch.no_grad():
-            model.normalize_decoder()
-            model.threshold.clamp_(min=THRESHOLD_FLOOR)
             self._track_fires(out.indices, out.values)
-            ev = explained_variance(x, out.x_hat)
-        return StepStats(
-            loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
-            ev.item(), grad_norm.item(), lr, coefficient, 0.0,
-        )
+        return StepStats(out.loss, out.reconstruction, out.mse, out.sparsity, out.l0, out.explained_variance,
+                         out.grad_norm, lr, coefficient, out.encode_reruns)
 
     def _track_fires(self, indices: Tensor, values: Tensor) -> None:
         self.tokens_since_fired += indices.shape[0]
@@ -356,26 +291,20 @@ class Trainer:
         record.update(
             tokens_per_s=tokens_per_s, dead_fraction=self.dead_fraction(), dead_window_tokens=self.dead_window()
         )
-        with open(self.out_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        if self.folder is not None:
+            self.folder.log(record)
         self.last_logged = record
 
     # -- saving ------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        if self.folder is None:
+            raise RuntimeError("this Trainer was built with write=False: it keeps no run folder to save into")
         self._saved_step = self.step
         model = self.model
-        if self.sparse_step:
-            opt_tensors = {f"lazy_adam.{k}": v for k, v in self.optimizer.state_dict().items()}
-        else:
-            opt_tensors = {
-                f"optim.{name}.{key}": value
-                for name in PARAM_NAMES
-                for key, value in self.optimizer.state.get(getattr(model, name), {}).items()
-            }
         state_tensors = {
             **{f"param.{name}": getattr(model, name) for name in PARAM_NAMES},
-            **opt_tensors,
+            **self.stepper.state_dict(),
             "tokens_since_fired": self.tokens_since_fired,
             **ckpt.rng_state(),
         }
@@ -387,17 +316,16 @@ class Trainer:
             "step": self.step, "tokens": self.tokens, "folded_activation_scale": self.scale,
             "bandwidth": model.bandwidth, "sparsity": dataclasses.asdict(self.cfg.objective),
         }
-        return ckpt.write_checkpoint(
-            self.out_dir / "checkpoints", self.step, model.export_raw(self.scale),
-            ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra), state_info, state_tensors,
-            self.cfg.run.keep_checkpoints,
+        return self.folder.save_checkpoint(
+            self.step, model.export_raw(self.scale), ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra),
+            state_info, state_tensors, self.cfg.run.keep_checkpoints,
         )
 
     def summary(self) -> TrainSummary:
         """The run so far; L0 and explained variance are means over the last log interval."""
         last = self.last_logged
         return TrainSummary(
-            checkpoint=ckpt.find_checkpoint(self.out_dir),
+            checkpoint=self.folder.latest_checkpoint() if self.folder is not None else None,
             step=self.step,
             tokens=self.tokens,
             l0=last.get("l0", float("nan")),

@@ -1,0 +1,71 @@
+"""The dense training step: autograd through the SAE forward (either backend), torch Adam over every parameter.
+
+forward -> Objective -> backward -> decoder-gradient projection -> clipping -> Adam -> renormalisation and the
+threshold floor (RECIPES section 1). Every [F, D] gradient and both Adam moments exist in full; the sparse
+step (sae/sparse_step.py) computes the same update touching only the latents with a non-zero gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from sae.config import OptimConfig
+from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
+from sae.objectives import Objective, per_token_error
+from sae.steps import DENSE_PREFIX, StepResult, explained_variance, saved_optimizer_state
+
+
+class DenseStep:
+    """`sae.steps.TrainStep` with torch.optim.Adam(betas=(beta1, beta2)) over the SAE's parameters."""
+
+    def __init__(self, model: JumpReLUSAE, optim: OptimConfig):
+        self.model = model
+        self.max_grad_norm = optim.max_grad_norm
+        self.optimizer = torch.optim.Adam(
+            [getattr(model, name) for name in PARAM_NAMES], lr=optim.lr,
+            betas=(optim.adam_beta1, optim.adam_beta2), eps=optim.adam_eps,
+        )  # fmt: skip
+
+    def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
+        model = self.model
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        out = model(x)
+        loss = objective(per_token_error(x, out.x_hat), out.l0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.total.backward()
+        model.project_decoder_grad()
+        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.optimizer.step()
+        with torch.no_grad():
+            model.normalize_decoder()
+            model.threshold.clamp_(min=THRESHOLD_FLOOR)
+            ev = explained_variance(x, out.x_hat)
+        return StepResult(
+            loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
+            ev.item(), grad_norm.item(), 0.0, out.indices, out.values,
+        )  # fmt: skip
+
+    def state_dict(self) -> dict[str, Tensor]:
+        model = self.model
+        return {
+            f"{DENSE_PREFIX}{name}.{key}": value
+            for name in PARAM_NAMES
+            for key, value in self.optimizer.state.get(getattr(model, name), {}).items()
+        }
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """torch Adam state from "optim." tensors, or converted exactly from the sparse step's "lazy_adam." ones."""
+        by_name, lazy = saved_optimizer_state(tensors)
+        if lazy:
+            from sae.sparse_step import adam_state_from_lazy
+
+            by_name = adam_state_from_lazy(lazy)
+        device = self.model.b_dec.device
+        state = {  # the optimizer holds the parameters in PARAM_NAMES order
+            i: {k: v if k == "step" else v.to(device) for k, v in by_name[name].items()}
+            for i, name in enumerate(PARAM_NAMES) if name in by_name
+        }  # fmt: skip
+        self.optimizer.load_state_dict({"state": state, "param_groups": self.optimizer.state_dict()["param_groups"]})
