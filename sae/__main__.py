@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from harvest.errors import HarvestError
     from sae.checkpoint import CheckpointError
+    from sae.health import TrainingHealthError
 
     try:
         if args.command == "train":
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args)
         if args.command == "eval":
             return evaluate(args)
-    except (ConfigError, CheckpointError, HarvestError) as err:
+    except (ConfigError, CheckpointError, HarvestError, TrainingHealthError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

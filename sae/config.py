@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from harvest.config import BufferConfig, DataConfig, ModelConfig
 from sae.config_cli import from_sections
@@ -19,6 +19,7 @@ from sae.errors import ConfigError
 from sae.ops import BACKENDS, COMPUTE_DTYPES
 
 SPARSITY_OBJECTIVES = ("l0", "target_l0")
+NonFiniteAction = Literal["stop", "skip"]
 
 
 @dataclass
@@ -164,8 +165,18 @@ class RunConfig:
     """How many of the most recent checkpoints to keep."""
     log_every: int = 10
     """Write a metrics.jsonl line every this many steps."""
+    on_nonfinite: NonFiniteAction = "stop"
+    """When a step's loss or gradient norm is not finite (the step applies nothing): "stop" the run with a
+    message (the last good checkpoint is kept), or "skip" the batch and go on, up to --max-skipped-batches."""
+    max_skipped_batches: int = 10
+    """With --on-nonfinite skip: stop anyway after this many skipped batches (a run that keeps producing
+    non-finite values is broken, not unlucky)."""
 
     def __post_init__(self) -> None:
+        if self.on_nonfinite not in get_args(NonFiniteAction):
+            raise ConfigError(f"--on-nonfinite must be one of {get_args(NonFiniteAction)}; got {self.on_nonfinite!r}")
+        if self.max_skipped_batches < 0:
+            raise ConfigError(f"--max-skipped-batches must be >= 0; got {self.max_skipped_batches}")
         if self.steps < 1:
             raise ConfigError(f"--steps must be >= 1; got {self.steps}")
         for name in ("init_batches", "checkpoint_every", "keep_checkpoints", "log_every", "dead_window_tokens"):

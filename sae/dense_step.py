@@ -11,13 +11,17 @@ import torch
 from torch import Tensor
 
 from sae.config import OptimConfig
+from sae.health import check_step_values
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import Objective, per_token_error
 from sae.steps import DENSE_PREFIX, StepResult, explained_variance, saved_optimizer_state
 
 
 class DenseStep:
-    """`sae.steps.TrainStep` with torch.optim.Adam(betas=(beta1, beta2)) over the SAE's parameters."""
+    """`sae.steps.TrainStep` with torch.optim.Adam(betas=(beta1, beta2)) over the SAE's parameters.
+
+    Raises `sae.health.NonFiniteStep` before the update when the loss or the gradient norm is not finite.
+    """
 
     def __init__(self, model: JumpReLUSAE, optim: OptimConfig):
         self.model = model
@@ -38,6 +42,7 @@ class DenseStep:
         model.project_decoder_grad()
         max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        check_step_values({"loss": loss.total, "gradient norm": grad_norm})  # before any parameter moves
         self.optimizer.step()
         with torch.no_grad():
             model.normalize_decoder()

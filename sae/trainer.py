@@ -23,6 +23,7 @@ from sae.batches import BatchStream
 from sae.config import OptimConfig, TrainConfig
 from sae.dense_step import DenseStep
 from sae.errors import ConfigError
+from sae.health import LossWatch, NonFiniteStep, TrainingHealthError, non_finite_parameters, stop_message
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import Objective
 from sae.ops import resolve_compute
@@ -108,6 +109,10 @@ class Trainer:
         self.last_logged: dict[str, Any] = {}
         self._window: list[StepStats] | None = None  # steps since the last log line (None: none yet)
         self._t0, self._tokens0 = 0.0, 0
+        self._run_t0, self._run_tokens0, self._wait_s = 0.0, 0, 0.0  # since this process's first step
+        self.skipped_batches = 0
+        self._loss_watch = LossWatch()
+        self._alerts: list[str] = []
         state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
         if state is None and self.folder is not None:
             self.folder.refuse_existing_run()
@@ -196,6 +201,7 @@ class Trainer:
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
         ckpt.restore_rng(tensors)
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
+        self.skipped_batches = int(info.get("skipped_batches", 0))
         self.data_position = info.get("data_position")
         if self.data_position is not None:
             self.batches.load_state_dict(self.data_position)
@@ -233,13 +239,17 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def fit(self) -> TrainSummary:
-        """Train until cfg.run.steps; checkpoint periodically, at the end and on Ctrl-C."""
+        """Train until cfg.run.steps; checkpoint periodically, at the end and on Ctrl-C. A non-finite value
+        stops the run with `TrainingHealthError` (or skips the batch, per --on-nonfinite); warnings (an
+        exploding loss) are printed above the bar and logged."""
         bar = tqdm(total=self.cfg.run.steps, initial=self.step, unit="step", disable=not self.progress,
                    dynamic_ncols=True)
         try:
             while not self.done:
                 stats = self.fit_step()
-                if self.step % self.cfg.run.log_every == 0 or self.done:
+                for text in self.pop_alerts():
+                    bar.write(text)
+                if stats is not None and (self.step % self.cfg.run.log_every == 0 or self.done):
                     bar.set_postfix(self.postfix(stats), refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:
@@ -255,30 +265,75 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.cfg.run.steps
 
-    def fit_step(self) -> StepStats:
-        """One step of the loop: the next batch, train_step, the log line and the checkpoint when due."""
+    def fit_step(self) -> StepStats | None:
+        """One step of the loop: the next batch, train_step, the log line and the checkpoint when due.
+        None when the batch was skipped (--on-nonfinite skip)."""
         cfg = self.cfg
+        now = time.perf_counter()
         if self._window is None:
-            self._window, self._t0, self._tokens0 = [], time.perf_counter(), self.tokens
+            self._window, self._t0, self._tokens0 = [], now, self.tokens
+            self._run_t0, self._run_tokens0, self._wait_s = now, self.tokens, 0.0
         x, position = self.batches.next()
         x = x.to(self.device, torch.float32, non_blocking=True) * self.scale
-        stats = self.train_step(x)
+        self._wait_s += time.perf_counter() - now
+        try:
+            stats = self.train_step(x)
+        except NonFiniteStep as bad:
+            self._nonfinite(bad)
+            stats = None
         self.step += 1
         self.tokens += x.shape[0]
         self.data_position = position
-        self._window.append(stats)
-        if self.step % cfg.run.log_every == 0 or self.done:
+        if stats is not None:
+            self._window.append(stats)
+            alert = self._loss_watch.update(self.step, stats.loss)
+            if alert is not None:
+                self._alerts.append(alert)
+        if (self.step % cfg.run.log_every == 0 or self.done) and self._window:
             now = time.perf_counter()
+            self._check_parameters()
             self._log(self._window, (self.tokens - self._tokens0) / max(now - self._t0, 1e-9))
             self._window, self._t0, self._tokens0 = [], now, self.tokens
         if self.step % cfg.run.checkpoint_every == 0 or self.done:
             self.save_checkpoint()
         return stats
 
+    def _nonfinite(self, bad: NonFiniteStep) -> None:
+        """Stop (the default) or count the skipped batch; the step applied nothing either way."""
+        run = self.cfg.run
+        if run.on_nonfinite == "skip" and self.skipped_batches < run.max_skipped_batches:
+            self.skipped_batches += 1
+            self._alerts.append(f"warning: skipped the batch of step {self.step + 1}: its {bad} "
+                                f"({self.skipped_batches} of at most {run.max_skipped_batches} skips)")
+            return
+        note = f" (after {self.skipped_batches} skipped batches)" if run.on_nonfinite == "skip" else ""
+        self._stop(self.step + 1, bad.quantity + note, bad.value)
+
+    def _check_parameters(self) -> None:
+        bad = non_finite_parameters({name: getattr(self.model, name) for name in PARAM_NAMES})
+        if bad:
+            self._stop(self.step, f"parameter {', '.join(bad)}", float("nan"))
+
+    def _stop(self, step: int, quantity: str, value: float) -> None:
+        last = None
+        if self.folder is not None and ckpt.has_checkpoints(self.folder.path):
+            last = str(self.folder.latest_checkpoint())
+        raise TrainingHealthError(stop_message(step, quantity, value, last))
+
+    def pop_alerts(self) -> list[str]:
+        """Warnings raised since the last call (printed above the progress bar by `fit`)."""
+        alerts, self._alerts = self._alerts, []
+        return alerts
+
     def postfix(self, stats: StepStats) -> dict[str, str]:
-        """The progress bar's figures after a logged step."""
-        return {"tok/s": f"{self.last_logged.get('tokens_per_s', 0.0):,.0f}", "loss": f"{stats.loss:.4g}",
-                "L0": f"{stats.l0:.1f}", "EV": f"{stats.explained_variance:.3f}"}
+        """The progress bar's figures after a logged step: tokens/s since the run (or resume) started, and the
+        share of that time spent waiting for activations (high: the language model is the bottleneck)."""
+        last = self.last_logged
+        out = {"tok/s": f"{last.get('tokens_per_s_run', 0.0):,.0f}", "wait": f"{last.get('wait_fraction', 0.0):.0%}",
+               "loss": f"{stats.loss:.4g}", "L0": f"{stats.l0:.1f}", "EV": f"{stats.explained_variance:.3f}"}
+        if self._loss_watch.exploding:
+            out["warning"] = "loss exploding"
+        return out
 
     def save_if_unsaved(self) -> Path | None:
         """Checkpoint the steps taken since the last checkpoint (on Ctrl-C); None when there are none."""
@@ -288,9 +343,14 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step, "tokens": self.tokens}
         for name in StepStats._fields:
             record[name] = sum(getattr(s, name) for s in window) / len(window)
+        elapsed = max(time.perf_counter() - self._run_t0, 1e-9)
         record.update(
-            tokens_per_s=tokens_per_s, dead_fraction=self.dead_fraction(), dead_window_tokens=self.dead_window()
+            tokens_per_s=tokens_per_s, dead_fraction=self.dead_fraction(), dead_window_tokens=self.dead_window(),
+            tokens_per_s_run=(self.tokens - self._run_tokens0) / elapsed, wait_fraction=self._wait_s / elapsed,
+            skipped_batches=self.skipped_batches,
         )
+        if self._loss_watch.exploding:
+            record["warning"] = "loss exploding"
         if self.folder is not None:
             self.folder.log(record)
         self.last_logged = record
@@ -298,8 +358,10 @@ class Trainer:
     # -- saving ------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step; refused (TrainingHealthError) if a parameter is not finite."""
         if self.folder is None:
             raise RuntimeError("this Trainer was built with write=False: it keeps no run folder to save into")
+        self._check_parameters()
         self._saved_step = self.step
         model = self.model
         state_tensors = {
@@ -311,6 +373,7 @@ class Trainer:
         state_info = {
             "step": self.step, "tokens": self.tokens, "scale": self.scale, "d_in": model.d_in,
             "d_sae": model.d_sae, "data_position": self.data_position, "config": self.cfg.to_dict(),
+            "skipped_batches": self.skipped_batches,
         }
         extra = {
             "step": self.step, "tokens": self.tokens, "folded_activation_scale": self.scale,
