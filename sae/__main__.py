@@ -79,7 +79,7 @@ def train(args: argparse.Namespace) -> int:
     overrides = given_flags(args, TrainConfig)
     base = None
     if args.resume is not None:
-        base = ckpt.load_training_info(ckpt.find_checkpoint(args.resume))["config"]
+        base = ckpt.load_training_info(ckpt.resume_checkpoint(args.resume))["config"]
     cfg = build_config(TrainConfig, overrides, base)
     device = resolve_device(cfg.run.device)
     print(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -40,6 +40,10 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint folder that is missing, corrupt or does not fit the run; the message names the problem."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Saving a checkpoint failed (a full disk, a write error); the previous checkpoint is still `latest`."""
 
 
 class TrainingState(NamedTuple):
@@ -99,12 +103,22 @@ def write_checkpoint(
     final = checkpoints_dir / name
     tmp = checkpoints_dir / f".tmp-{name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    _save_tensors(tmp / WEIGHTS_FILE, sae_weights)
-    _write_json(tmp / CFG_FILE, cfg)
-    _save_tensors(tmp / STATE_TENSORS_FILE, state_tensors)
-    _write_json(tmp / STATE_JSON_FILE, {"format_version": FORMAT_VERSION, **state_info})
-    _fsync_dir(tmp)
+    try:
+        tmp.mkdir()
+        _save_tensors(tmp / WEIGHTS_FILE, sae_weights)
+        _write_json(tmp / CFG_FILE, cfg)
+        _save_tensors(tmp / STATE_TENSORS_FILE, state_tensors)
+        _write_json(tmp / STATE_JSON_FILE, {"format_version": FORMAT_VERSION, **state_info})
+        _fsync_dir(tmp)
+    except OSError as err:  # nothing renamed yet: `latest` still names the previous checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        latest = checkpoints_dir / LATEST_FILE
+        previous = latest.read_text().strip() if latest.exists() else None
+        raise CheckpointWriteError(
+            f"could not write checkpoint {name} ({err}); "
+            + (f"{checkpoints_dir / previous} is still the latest checkpoint: free space (or fix the disk) and "
+               f"continue with --resume {checkpoints_dir.parent}" if previous else "no earlier checkpoint exists")
+        ) from err
     if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap, then drop the old
         old = checkpoints_dir / f".old-{name}-{os.getpid()}"
         final.rename(old)
@@ -240,3 +254,47 @@ def restore_rng(tensors: dict[str, Tensor]) -> None:
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensors["rng.cuda"])
+
+
+def _check_tensors_file(path: Path) -> None:
+    """The safetensors file is present and whole (its header read and its size checked; no tensor loaded)."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint is incomplete: {path.name} is missing from {path.parent}")
+    try:
+        with safe_open(str(path), "pt"):
+            pass
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is corrupt (cannot be read as safetensors: {err})") from err
+
+
+def check_resumable(folder: Path) -> None:
+    """Raise CheckpointError if `folder`'s training state cannot be read (cheap: JSON and file headers)."""
+    load_training_info(folder)
+    _check_tensors_file(folder / STATE_TENSORS_FILE)
+
+
+def resume_checkpoint(path: str | Path) -> Path:
+    """The checkpoint folder `--resume path` continues from, checked readable.
+
+    A run folder whose newest checkpoint is damaged (a disk fault after it was written, a file removed) is
+    not silently resumed from an older one, which would redo steps without the user knowing: the error names
+    the newest intact earlier checkpoint and the flag that resumes from it.
+    """
+    folder = find_checkpoint(path)
+    try:
+        check_resumable(folder)
+    except CheckpointError as err:
+        if folder.resolve() == Path(path).resolve():
+            raise  # the user named this very checkpoint
+        older = [p for _, p in sorted(_step_dirs(folder.parent), reverse=True) if p != folder]
+        for candidate in older:
+            try:
+                check_resumable(candidate)
+            except CheckpointError:
+                continue
+            raise CheckpointError(
+                f"the newest checkpoint cannot be resumed: {err}. The newest intact one is {candidate}: continue "
+                f"from it with --resume {candidate} (the steps after it are trained again)"
+            ) from err
+        raise CheckpointError(f"the newest checkpoint cannot be resumed and no earlier one is intact: {err}") from err
+    return folder

@@ -113,7 +113,7 @@ class Trainer:
         self.skipped_batches = 0
         self._loss_watch = LossWatch()
         self._alerts: list[str] = []
-        state = ckpt.load_training_state(ckpt.find_checkpoint(resume)) if resume is not None else None
+        state = ckpt.load_training_state(ckpt.resume_checkpoint(resume)) if resume is not None else None
         if state is None and self.folder is not None:
             self.folder.refuse_existing_run()
         d_in = int(state.info["d_in"]) if state else self._source_width(source)

@@ -119,3 +119,41 @@ def test_progress_reports_the_run_rate_and_the_time_spent_waiting_for_activation
     assert last["tokens_per_s_run"] == pytest.approx(12 * 64 / (12 * 0.05), rel=0.5)
     postfix = trainer.postfix(trainer.train_step(next(iter(SyntheticActivations())) * trainer.scale))
     assert set(postfix) >= {"tok/s", "wait", "loss", "L0", "EV"} and postfix["wait"].endswith("%")
+
+
+def test_a_damaged_newest_checkpoint_names_the_intact_one_to_resume_from(tmp_path):
+    run = tmp_path / "run"
+    Trainer(small_config(run, steps=20), SyntheticActivations(), progress=False).fit()  # steps 10 and 20 kept
+    newest = ckpt.find_checkpoint(run)
+    older = run / "checkpoints" / "step_000000010"
+    data = (newest / ckpt.STATE_TENSORS_FILE).read_bytes()
+    (newest / ckpt.STATE_TENSORS_FILE).write_bytes(data[: len(data) // 2])  # damaged after it was written
+    cfg = small_config(run, steps=30)
+    with pytest.raises(ckpt.CheckpointError, match=f"newest intact one is {older}.*--resume {older}"):
+        Trainer(cfg, SyntheticActivations(), progress=False, resume=run)
+    with pytest.raises(ckpt.CheckpointError, match="corrupt"):  # named explicitly: no other suggestion
+        Trainer(cfg, SyntheticActivations(), progress=False, resume=newest)
+    resumed = Trainer(cfg, SyntheticActivations(), progress=False, resume=older)  # the suggested command works
+    assert resumed.step == 10
+    resumed.fit()
+
+
+def test_a_full_disk_while_saving_keeps_latest_and_says_so(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(small_config(run, steps=20), SyntheticActivations(), progress=False)
+    for _ in range(10):
+        trainer.fit_step()  # saves step 10
+    before = ckpt.find_checkpoint(run)
+
+    def full(path, tensors):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt, "_save_tensors", full)
+    for _ in range(9):
+        trainer.fit_step()
+    with pytest.raises(ckpt.CheckpointWriteError, match=f"still the latest checkpoint.*--resume {run}"):
+        trainer.fit_step()  # step 20 is due
+    monkeypatch.undo()
+    assert ckpt.find_checkpoint(run) == before
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # the half-written folder is gone
+    ckpt.load_training_state(before)
