@@ -131,8 +131,12 @@ def sweep(args: argparse.Namespace) -> int:
         summaries = run.fit()
     except KeyboardInterrupt:
         return 130
-    print(f"\ndone: {summaries[0].step} steps, {summaries[0].tokens:,} tokens each")
+    done = next(s for (name, _), s in zip(run.members, summaries) if name not in run.stopped)
+    print(f"\ndone: {done.step} steps, {done.tokens:,} tokens each")
     for (name, _), summary in zip(run.members, summaries):
+        if name in run.stopped:
+            print(f"  {name:<40} stopped (not resumed; its last good checkpoint is kept): see sweep.json")
+            continue
         print(f"  {name:<40} L0 {summary.l0:6.1f}  EV {summary.explained_variance:.3f}  "
               f"dead {summary.dead_fraction:.1%}  {summary.checkpoint}")
     return 0

@@ -24,6 +24,7 @@ class Fanout:
         self._items: deque[tuple[Tensor, Any]] = deque()  # batches not yet read by every view
         self._first = 0  # index of self._items[0] in the stream
         self._read = [0] * n_views  # next index each view reads
+        self._detached: set[int] = set()  # views that stopped reading (a sweep member that stopped)
         self._loaded: Any = None
 
     def view(self, i: int, select: Callable[[Tensor], Tensor] = lambda x: x, d_in: int | None = None) -> FanoutView:
@@ -38,10 +39,20 @@ class Fanout:
             self._items.append((batch, self.source.state_dict() if self.resumable else None))
         item = self._items[index - self._first]
         self._read[view] += 1
-        while self._items and min(self._read) > self._first:
+        self._drop_read()
+        return item
+
+    def _drop_read(self) -> None:
+        """Forget the batches every attached view has read."""
+        reading = [r for i, r in enumerate(self._read) if i not in self._detached]
+        while self._items and reading and min(reading) > self._first:
             self._items.popleft()
             self._first += 1
-        return item
+
+    def detach(self, view: int) -> None:
+        """View `view` reads no more: the others no longer keep batches for it."""
+        self._detached.add(view)
+        self._drop_read()
 
     def _load(self, state: Any) -> None:
         """Every view loads the same position (the trainers of a sweep checkpoint together): load it once."""

@@ -56,5 +56,6 @@ class RunFolder:
         return ckpt.write_checkpoint(self.path / "checkpoints", step, sae_weights, sae_cfg, state_info, state_tensors,
                                      keep)
 
-    def latest_checkpoint(self) -> Path:
-        return ckpt.find_checkpoint(self.path)
+    def latest_checkpoint(self) -> Path | None:
+        """The newest checkpoint; None before the first."""
+        return ckpt.find_checkpoint(self.path) if ckpt.has_checkpoints(self.path) else None

@@ -21,6 +21,7 @@ from sae.config import TrainConfig
 from sae.config_cli import value_parser
 from sae.errors import ConfigError
 from sae.fanout import Fanout
+from sae.health import TrainingHealthError
 
 SWEEP_FILE = "sweep.json"
 _SWEEPABLE_SECTIONS = ("sae", "objective", "optim")
@@ -95,21 +96,30 @@ class Sweep:
         device = resolve_device(base.run.device)
         self.harvester = Harvester(base.model, base.data, base.buffer, batch_size=base.optim.batch_size,
                                    device=str(device), layers=layers, progress=progress)
-        fanout = Fanout(self.harvester, len(self.members))
+        self.fanout = fanout = Fanout(self.harvester, len(self.members))
+        self.stopped: dict[str, str] = self._stopped_before() if resume else {}
         self.trainers = []
         for k, (name, cfg) in enumerate(self.members):
+            if name in self.stopped:  # left out of a resumed sweep: it stopped on a non-finite value
+                fanout.detach(k)
+                self.trainers.append(None)
+                continue
             i = layers.index(cfg.model.layer)
             select = (lambda x: x) if len(layers) == 1 else (lambda x, i=i: x[:, i])
             view = fanout.view(k, select, d_in=self.harvester.d_in)
             self.trainers.append(Trainer(cfg, view, metadata=self.harvester.metadata(cfg.model.layer),
                                          resume=cfg.run.out_dir if resume else None, progress=False))
-        steps = {t.step for t in self.trainers}
+        steps = {t.step for t in self.trainers if t is not None}
         if len(steps) > 1:
             raise ConfigError(f"the sweep's members were saved at different steps {sorted(steps)}; resume them one "
                               "by one with python -m sae train --resume")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / SWEEP_FILE).write_text(json.dumps(
-            {"grid": grid, "config": base.to_dict(), "members": [name for name, _ in self.members]}, indent=2))
+        if not steps:
+            raise ConfigError(f"every member of the sweep in {self.out_dir} had stopped; see its {SWEEP_FILE}")
+        self._write_spec()
+
+    def _stopped_before(self) -> dict[str, str]:
+        path = self.out_dir / SWEEP_FILE
+        return json.loads(path.read_text()).get("stopped", {}) if path.is_file() else {}
 
     @staticmethod
     def load_spec(folder: str | Path) -> tuple[dict, dict[str, list]]:
@@ -121,25 +131,57 @@ class Sweep:
         return spec["config"], spec["grid"]
 
     def fit(self) -> list:
-        """Train every member to the end; on Ctrl-C, checkpoint them all before re-raising."""
+        """Train every member to the end; on Ctrl-C, checkpoint them all before re-raising.
+
+        A member whose values go non-finite (`TrainingHealthError`) stops alone: its last good checkpoint is
+        kept, the reason is recorded in sweep.json ("stopped") and printed, and the other members go on from
+        the same batches (a resumed sweep leaves it out). Only when every member has stopped does the sweep
+        raise.
+        """
         trainers = self.trainers
-        bar = tqdm(total=self.base.run.steps, initial=trainers[0].step, unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        active = [k for k, (name, _) in enumerate(self.members) if name not in self.stopped]
+        bar = tqdm(total=self.base.run.steps, initial=trainers[active[0]].step, unit="step",
+                   disable=not self.progress, dynamic_ncols=True)
         try:
-            while not trainers[0].done:
-                stats = [t.fit_step() for t in trainers]
-                if trainers[0].step % self.base.run.log_every == 0 or trainers[0].done:
-                    tokens_per_s = trainers[-1].last_logged.get("tokens_per_s", 0.0)
+            while not trainers[active[0]].done:
+                stats = {}
+                for k in list(active):
+                    try:
+                        stats[k] = trainers[k].fit_step()
+                    except TrainingHealthError as err:
+                        active.remove(k)
+                        bar.write(self._stop_member(k, err))
+                    for text in trainers[k].pop_alerts():
+                        bar.write(f"{self.members[k][0]}: {text}")
+                if not active:
+                    raise TrainingHealthError(f"every member of the sweep stopped; see {self.out_dir / SWEEP_FILE}")
+                lead = trainers[active[0]]
+                if lead.step % self.base.run.log_every == 0 or lead.done:
+                    tokens_per_s = lead.last_logged.get("tokens_per_s_run", 0.0)
                     bar.set_postfix({"tok/s": f"{tokens_per_s:,.0f}",
-                                     "L0": "/".join(f"{s.l0:.0f}" for s in stats)}, refresh=False)
+                                     "L0": "/".join(f"{s.l0:.0f}" if s else "-" for s in stats.values())},
+                                    refresh=False)
                 bar.update(1)
         except KeyboardInterrupt:
-            saved = [t.save_if_unsaved() for t in trainers]
+            saved = [trainers[k].save_if_unsaved() for k in active]
             if any(saved):
-                bar.write(f"interrupted at step {trainers[0].step}; saved every member. Continue with "
+                bar.write(f"interrupted at step {trainers[active[0]].step}; saved every member. Continue with "
                           f"python -m sae sweep --resume {self.out_dir}")
             raise
         finally:
             bar.close()
             self.harvester.close()
-        return [t.summary() for t in trainers]
+        return [None if t is None else t.summary() for t in trainers]
+
+    def _stop_member(self, k: int, err: TrainingHealthError) -> str:
+        name = self.members[k][0]
+        self.fanout.detach(k)
+        self.stopped[name] = str(err)
+        self._write_spec()
+        return f"member {name} stopped; the others go on. {err}"
+
+    def _write_spec(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / SWEEP_FILE).write_text(json.dumps(
+            {"grid": self.grid, "config": self.base.to_dict(), "members": [name for name, _ in self.members],
+             "stopped": self.stopped}, indent=2))

@@ -53,7 +53,7 @@ class StepStats(NamedTuple):
 
 
 class TrainSummary(NamedTuple):
-    checkpoint: Path | None  # None for a Trainer built with write=False
+    checkpoint: Path | None  # None before the first checkpoint, or for a Trainer built with write=False
     step: int
     tokens: int
     l0: float
@@ -315,10 +315,8 @@ class Trainer:
             self._stop(self.step, f"parameter {', '.join(bad)}", float("nan"))
 
     def _stop(self, step: int, quantity: str, value: float) -> None:
-        last = None
-        if self.folder is not None and ckpt.has_checkpoints(self.folder.path):
-            last = str(self.folder.latest_checkpoint())
-        raise TrainingHealthError(stop_message(step, quantity, value, last))
+        last = self.folder.latest_checkpoint() if self.folder is not None else None
+        raise TrainingHealthError(stop_message(step, quantity, value, None if last is None else str(last)))
 
     def pop_alerts(self) -> list[str]:
         """Warnings raised since the last call (printed above the progress bar by `fit`)."""

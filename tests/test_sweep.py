@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -98,3 +99,23 @@ def test_cli_sweep_and_resume(tiny_model, text_file, tmp_path, capsys):
     assert (out / "target_l0=8.0" / "checkpoints" / "step_000000006").is_dir()
     assert main(["sweep", "--grid", "batch_size=8,16", "--out-dir", str(tmp_path / "x")]) == 2
     assert "sweepable" in capsys.readouterr().err
+
+
+def test_a_diverging_member_stops_alone_and_the_others_train_as_their_solo_runs(tiny_model, text_file, tmp_path):
+    base = live_config(tiny_model, text_file, tmp_path / "sweep")
+    base = dataclasses.replace(base, run=dataclasses.replace(base.run, steps=6, checkpoint_every=2))
+    grid = {"lr": [base.optim.lr, 1e6]}
+    sweep = Sweep(base, grid, progress=False)
+    sweep.fit()
+    (good, good_cfg), (bad, _) = sweep.members
+    assert list(sweep.stopped) == [bad] and "not finite" in sweep.stopped[bad]
+    spec = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert list(spec["stopped"]) == [bad]
+    solo_cfg = dataclasses.replace(good_cfg, run=dataclasses.replace(good_cfg.run, out_dir=str(tmp_path / "solo")))
+    Trainer(solo_cfg, harvester(solo_cfg), progress=False).fit()
+    assert losses(tmp_path / "sweep" / good) == losses(tmp_path / "solo")  # not corrupted by the other
+    longer = dataclasses.replace(base, run=dataclasses.replace(base.run, steps=8))
+    resumed = Sweep(longer, grid, resume=True, progress=False)  # the stopped member is left out
+    assert resumed.trainers[1] is None
+    resumed.fit()
+    assert (tmp_path / "sweep" / good / "checkpoints" / "step_000000008").is_dir()
