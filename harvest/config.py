@@ -45,8 +45,14 @@ class ModelConfig:
     norm_outlier_factor: float | None = None
     """Drop tokens whose activation norm (at any captured layer) exceeds this multiple of the median norm of
     their forward batch, e.g. 10; None keeps every token."""
+    max_nonfinite_fraction: float = 0.01
+    """Tokens whose activation is NaN or infinite are always dropped (and counted in metrics.jsonl); the harvest
+    stops with an error once more than this fraction of the tokens so far (after the first 4,096) were: a
+    model overflowing in its dtype, not bad luck."""
 
     def __post_init__(self):
+        if not 0 <= self.max_nonfinite_fraction < 1:
+            raise HarvestError(f"max_nonfinite_fraction={self.max_nonfinite_fraction} must lie in [0, 1)")
         if self.norm_outlier_factor is not None and not self.norm_outlier_factor > 1:
             raise HarvestError(
                 f"norm_outlier_factor={self.norm_outlier_factor} would drop typical tokens: pass a factor above 1 "

@@ -16,6 +16,7 @@ from torch import nn
 
 from .activations import keep_mask, layer_activations, norm_outliers
 from .errors import HarvestError
+from .nonfinite import NonFiniteFilter
 
 _MAX_EMPTY_ROWS = 100_000
 """Consecutive rows without a harvestable token after which a stream (of unknown length) counts as empty."""
@@ -30,13 +31,15 @@ class GroupReader:
     """Reads the token stream group by group; `seek` re-positions it at a group's start."""
 
     def __init__(self, model: nn.Module, tokenizer, rows, layers: Sequence[int], rows_per_forward: int,
-                 exclude_special_tokens: bool = True, norm_outlier_factor: float | None = None):
+                 exclude_special_tokens: bool = True, norm_outlier_factor: float | None = None,
+                 nonfinite: NonFiniteFilter | None = None):
         self.model, self.tokenizer, self.rows = model, tokenizer, rows
         self.layers, self.rows_per_forward = list(layers), rows_per_forward
         self.exclude_special_tokens, self.norm_outlier_factor = exclude_special_tokens, norm_outlier_factor
         self._special = set(tokenizer.all_special_ids) if exclude_special_tokens else set()
         self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.device = next(model.parameters()).device
+        self.nonfinite = nonfinite if nonfinite is not None else NonFiniteFilter(1.0)
 
     def position(self) -> dict:
         return self.rows.position()
@@ -63,6 +66,7 @@ class GroupReader:
                                       device=self.device)
         keep = keep_mask(input_ids, attention_mask, self.tokenizer, self.exclude_special_tokens)
         acts = layer_activations(self.model, self.layers, input_ids, attention_mask)[keep]  # [n, L, D]
+        acts = self.nonfinite(acts)  # before the outlier test: a NaN norm would hide from it
         if self.norm_outlier_factor is not None:
             acts = acts[~norm_outliers(acts, self.norm_outlier_factor)]
         return Group(start, acts)

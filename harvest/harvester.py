@@ -24,6 +24,7 @@ from .config import BufferConfig, DataConfig, ModelConfig
 from .errors import HarvestError
 from .forward import GroupReader
 from .lm import check_layer, load_lm, num_layers
+from .nonfinite import NonFiniteFilter
 from .ring import RingProducer
 from .segments import SegmentFiller
 from .text import token_rows
@@ -74,6 +75,7 @@ class Harvester:
         self._producer: RingProducer | None = None
         self._segment, self._pass, self._batch = 0, 0, 0
         self._cursor = {"group_start": self.rows.position(), "skip": 0}
+        self.nonfinite = NonFiniteFilter(model_cfg.max_nonfinite_fraction, self.dtype)
 
     @property
     def buffer_bytes(self) -> int:
@@ -97,6 +99,10 @@ class Harvester:
             "exclude_special_tokens": self.data_cfg.exclude_special_tokens,
             **({"data_dir": self.data_cfg.data_dir} if self.data_cfg.data_dir else {}),
         }
+
+    def stats(self) -> dict[str, int]:
+        """Counts since this harvester was made (the trainer logs them): tokens harvested, non-finite dropped."""
+        return self.nonfinite.stats()
 
     def state_dict(self) -> dict:
         """JSON-able position: a fresh Harvester with the same configs continues from the next batch."""
@@ -133,7 +139,7 @@ class Harvester:
     def __iter__(self):
         self.close()
         reader = GroupReader(self.model, self.tokenizer, self.rows, self.layers, self.buffer_cfg.forward_batch_rows,
-                             self.data_cfg.exclude_special_tokens, self.model_cfg.norm_outlier_factor)
+                             self.data_cfg.exclude_special_tokens, self.model_cfg.norm_outlier_factor, self.nonfinite)
         bar = tqdm(total=self.segment_tokens, desc=f"harvesting segment {self._segment}", unit="tok", leave=False,
                    disable=not self.progress)
         producer = self._producer = RingProducer(

@@ -108,6 +108,10 @@ def train(args: argparse.Namespace) -> int:
         f"  dead latents        {summary.dead_fraction:.1%} (no fire in the last {summary.dead_window_tokens:,} tokens)\n"
         f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
     )
+    counts = source.stats()
+    if counts["nonfinite_dropped"] or trainer.skipped_batches:
+        print(f"  dropped             {counts['nonfinite_dropped']:,} non-finite activations of "
+              f"{counts['harvested_tokens']:,} harvested; {trainer.skipped_batches} batches skipped")
     return 0
 
 

@@ -347,6 +347,9 @@ class Trainer:
             tokens_per_s_run=(self.tokens - self._run_tokens0) / elapsed, wait_fraction=self._wait_s / elapsed,
             skipped_batches=self.skipped_batches,
         )
+        source_stats = getattr(self.batches.source, "stats", None)  # the harvester's counts, if the source has them
+        if callable(source_stats):
+            record.update(source_stats())
         if self._loss_watch.exploding:
             record["warning"] = "loss exploding"
         if self.folder is not None:
