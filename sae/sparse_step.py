@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
+from sae.objectives import Objective
 from sae.sparse_adam import LazyAdam
 
 if TYPE_CHECKING:
@@ -49,14 +50,15 @@ LATENT_DIMS: dict[str, int | None] = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec
 
 
 class SparseStepStats(NamedTuple):
-    """The statistics `Trainer.train_step` returns before lr and coefficient, in the same order and units."""
+    """The statistics `Trainer.train_step` returns before lr and coefficient, in the same units (mse last)."""
 
     loss: float
-    reconstruction: float
+    reconstruction: float  # as optimised: tilted when the objective's tilt > 0
     sparsity: float
     l0: float  # mean over the batch
     explained_variance: float  # about the batch mean (RECIPES 3)
     grad_norm: float  # before clipping, of all parameters' gradients
+    mse: float  # plain mean squared error summed over d_in, comparable across tilts
 
 
 class SparseStep(NamedTuple):
@@ -130,9 +132,7 @@ def sparse_train_step(
     optimizer: LazyAdam,
     x: Tensor,
     lr: float,
-    sparsity: str,
-    coefficient: float,
-    target_l0: float,
+    objective: Objective,
     max_grad_norm: float,
     *,
     threshold_floor: float = THRESHOLD_FLOOR,
@@ -147,7 +147,8 @@ def sparse_train_step(
             Its `compute_dtype` (e.g. torch.bfloat16) is the kernels' product operand dtype.
         optimizer: from `build_lazy_adam(model, ...)`.
         x: [B, D] a batch, already scaled.
-        lr: this step's learning rate; sparsity, coefficient, target_l0: this step's sparsity term.
+        lr: this step's learning rate; objective: this step's loss (its coefficient warmed up for this step),
+            any `sae.objectives.Objective`, TERM's tilt included.
         max_grad_norm: clip the global gradient norm to it; <= 0 or inf: no clipping (the norm is still
             reported).
         threshold_floor: thresholds are clamped to at least this after the step.
@@ -159,7 +160,7 @@ def sparse_train_step(
     cache = model.operand_cache
     out = sparse_loss_and_grads(
         x, model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.threshold, model.bandwidth,
-        sparsity, coefficient, target_l0, compute_dtype=model.compute_dtype,
+        objective, compute_dtype=model.compute_dtype,
         operands=None if cache is None else cache.get(model),
         capacity=capacity, window_capacity=window_capacity, blocks=blocks or Blocks(),
     )  # fmt: skip
@@ -190,8 +191,9 @@ def sparse_train_step(
     x32 = x.float()
     residual = (x32 - out.x_hat).pow(2).sum()
     explained = 1.0 - residual / (x32 - x32.mean(dim=0)).pow(2).sum()
+    loss = out.terms
     stats = SparseStepStats(
-        out.loss.item(), out.reconstruction.item(), out.sparsity.item(), out.l0.mean().item(), explained.item(),
-        grad_norm.item(),
+        loss.total.item(), loss.reconstruction.item(), loss.sparsity.item(), out.l0.mean().item(), explained.item(),
+        grad_norm.item(), loss.mse.item(),
     )  # fmt: skip
     return SparseStep(stats, out.indices, out.values.to(x.dtype), out.reruns, int(out.l0.max().item()))

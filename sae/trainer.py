@@ -26,7 +26,7 @@ from sae.batches import BatchStream
 from sae.config import TrainConfig
 from sae.errors import ConfigError
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
-from sae.objectives import sae_loss
+from sae.objectives import Objective, sae_loss
 from sae.ops import resolve_backend, resolve_compute_dtype
 from sae.pretrained import load_pretrained
 from sae.schedule import lr_at, sparsity_coefficient_at
@@ -250,16 +250,16 @@ class Trainer:
             self.step, cfg.objective.l0_coefficient, cfg.objective.sparsity_warmup_steps
         )
         if self.sparse_step:
+            objective = Objective(cfg.objective.sparsity, coefficient, cfg.objective.target_l0, cfg.objective.tilt)
             step = sparse_train_step(
-                model, self.optimizer, x, lr, cfg.objective.sparsity, coefficient, cfg.objective.target_l0,
-                cfg.optim.max_grad_norm, capacity=self.capacity,
+                model, self.optimizer, x, lr, objective, cfg.optim.max_grad_norm, capacity=self.capacity
             )
             # Slots per row for the next encode: 25% above this batch's largest L0, so overflow (a second
             # encode) stays rare while the compact lists stay small.
             self.capacity = min(model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
             self._track_fires(step.indices, step.values)
-            st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
-            return StepStats(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0,
+            st = step.stats
+            return StepStats(st.loss, st.reconstruction, st.mse, st.sparsity, st.l0,
                              st.explained_variance, st.grad_norm, lr, coefficient, float(step.reruns))
         for group in self.optimizer.param_groups:
             group["lr"] = lr

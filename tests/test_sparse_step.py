@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sae.model import JumpReLUSAE
-from sae.objectives import sae_loss
+from sae.objectives import Objective, sae_loss
 from sae.schedule import lr_at, sparsity_coefficient_at
 from sae.sparse_step import (
     LATENT_DIMS,
@@ -96,7 +96,8 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as guard:
         # run()'s loss has lambda 0.3, target 5. Capacities below F: the default min(F, 128) would make the
         # encode's slot buffers [B, F]-shaped at these small F.
-        out = sparse_loss_and_grads(*args, eps, kind, 0.3, 5.0, capacity=16, window_capacity=16, blocks=BLOCKS)
+        out = sparse_loss_and_grads(*args, eps, Objective(kind, 0.3, 5.0), capacity=16, window_capacity=16,
+                                    blocks=BLOCKS)
     assert not guard.hits, guard.hits
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as dense_guard:
         ref32, g32 = run(R.sae_forward, case, eps, kind)
@@ -120,8 +121,8 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
 
     x32, x64 = case["x"], case["x"].double()
     assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat, mags["x_hat"])
-    for what, got, mode in (("reconstruction", out.reconstruction, "mse"), ("loss", out.loss, kind),
-                            ("sparsity", out.sparsity, "l0_only" if kind == "l0" else None)):
+    for what, got, mode in (("reconstruction", out.terms.reconstruction, "mse"), ("loss", out.terms.total, kind),
+                            ("sparsity", out.terms.sparsity, "l0_only" if kind == "l0" else None)):
         if mode is None:  # target_l0's term alone: the loss minus the reconstruction
             r32, r64 = ((loss_of(kind, x, r.x_hat, r.l0) - loss_of("mse", x, r.x_hat, r.l0)).detach()
                         for x, r in ((x32, ref32), (x64, ref64)))
@@ -253,7 +254,7 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
         # The allocation guard doubles a step's time in the interpreter: on the last step only.
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step == STEPS - 1 else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, kind, coefficient, TARGET, max_norm,
+            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), max_norm,
                                        capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
         assert guard is None or not guard.hits, guard.hits
         assert all(p.grad is None for p in sparse.parameters())
@@ -332,7 +333,7 @@ def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step
             s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, MAX_NORM)
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, kind, coefficient, TARGET, MAX_NORM,
+            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), MAX_NORM,
                                        capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
         assert guard is None or not guard.hits, guard.hits
         assert all(getattr(sparse, name).dtype == torch.float32 for name in PARAMS)
