@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sae.model import JumpReLUSAE
-from sae.objectives import Objective, sae_loss
+from sae.objectives import Objective, per_token_error, sae_loss
 from sae.schedule import lr_at, sparsity_coefficient_at
 from sae.sparse_step import (
     LATENT_DIMS,
@@ -131,6 +131,49 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
         assert_matches(what, got, r32, r64)
     assert torch.equal(out.l0.cpu(), ref32.l0.detach())
     assert torch.equal(out.fire_counts.cpu().long(), fires.sum(0))
+
+
+TILT = 0.02  # TERM: t (max e - min e) = 2 to 3 on these cases (e = per-token error), tokens weighted 10-20x apart
+
+
+@pytest.mark.parametrize("B, D, F, kind, eps", [(33, 17, 67, "l0", 0.05), (19, 15, 63, "target_l0", 0.25)])
+def test_one_step_with_a_tilted_objective_matches_autograd(B, D, F, kind, eps, poisoned):  # noqa: F811
+    """TERM (tilt > 0) on the sparse path: `sparse_loss_and_grads` with a tilted `Objective` against autograd
+    through `kernels.reference.sae_forward` + the same `Objective`: every term of the loss and every gradient,
+    by the precision rule, with the magnitudes of the tilted weights dL/de_b = softmax(t e)_b."""
+    from kernels.sparse_grads import sparse_loss_and_grads
+
+    objective = Objective(kind, 0.3, 5.0, tilt=TILT)
+    case = make_case(B, D, F, seed=B * 1000 + D * 10 + F, eps=eps)
+    out = sparse_loss_and_grads(case["x"].to(DEVICE), *(case[k].to(DEVICE) for k in PARAMS), eps, objective,
+                                capacity=16, window_capacity=16, blocks=BLOCKS)  # fmt: skip
+
+    def reference(dtype):
+        t = {k: v.to(DEVICE, dtype, copy=True).requires_grad_(k != "x") for k, v in case.items()}
+        ref = R.sae_forward(t["x"], *(t[k] for k in PARAMS), eps)
+        loss = objective(per_token_error(t["x"], ref.x_hat), ref.l0)
+        loss.total.backward()
+        return ref, loss, {k: t[k].grad.cpu() for k in PARAMS}
+
+    (ref32, loss32, g32), (ref64, loss64, g64) = reference(torch.float32), reference(torch.float64)
+    errors64 = per_token_error(ref64.x_hat, case["x"].to(DEVICE).double()).detach()
+    weights = torch.softmax(TILT * errors64, 0).cpu()
+    assert weights.max() > 10 * weights.min() and loss64.reconstruction > 1.05 * loss64.mse, "not tilted"
+
+    assert type(out.terms) is type(loss64) and not any(t.requires_grad for t in out.terms)
+    for what, got, r32, r64 in zip(loss64._fields, out.terms, loss32, loss64):
+        assert_matches(what, got, r32.detach(), r64.detach())
+    fires, in_window = fires_and_window(case, eps)
+    touched = fires.any(0) | in_window.any(0)
+    t, mags = out.touched.cpu(), magnitudes(case, eps, kind, row_weights=weights)
+    assert torch.equal(t, touched.nonzero().squeeze(1))
+    for name in PARAMS:
+        dim = LATENT_DIMS[name]
+        if dim is not None:  # autograd's gradient is exactly zero outside `touched`
+            assert not g64[name].index_select(dim, (~touched).nonzero().squeeze(1)).any(), name
+        r32, r64, m = (g if dim is None else g.index_select(dim, t) for g in (g32[name], g64[name], mags[name]))
+        assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64, m)
+    assert_matches("x_hat", out.x_hat, ref32.x_hat.detach(), ref64.x_hat.detach(), mags["x_hat"])
 
 
 # -- N steps: the sparse trainer step against Trainer.train_step's dense sequence ------------------------------
