@@ -2,8 +2,7 @@
 
 Both callers compose them: `kernels.sae_step` (an autograd Function, dense gradients, dL/dx when asked) and
 `kernels.sparse_grads` (no autograd, compact gradients over the touched latents). Neither function checks its
-inputs: the public functions that call them validate once (`kernels.validate.check_sae_inputs`, the compute
-dtype, `check_operands`) and these trust them.
+inputs: the public functions that call them validate once (`checked_operands`) and these trust them.
 
 Forward (`sae_fwd`): the fused encode (`jumprelu_encode`) writes each row's active pairs and STE-window pairs in
 compact form; each row is then sorted by value (torch, [B, K]) and decoded by gathering K decoder rows
@@ -41,6 +40,7 @@ from kernels import latent_grads as lg
 from kernels import launch
 from kernels import sparse_decode as dec
 from kernels import threshold_grad as tg
+from kernels.validate import check_compute_dtype, check_sae_inputs, rounds_to
 
 
 class Blocks(NamedTuple):
@@ -59,16 +59,34 @@ class Operands(NamedTuple):
     W_dec: Tensor  # [F, D]
 
 
-def cast_operands(x: Tensor, W_enc: Tensor, W_dec: Tensor, compute_dtype: torch.dtype | None) -> Operands:
-    """Detached contiguous compute_dtype copies where `kernels.validate.rounds_to` says so (B * D + 2 * D * F
-    elements read and written once), else the tensors themselves. compute_dtype must be checked already."""
-    return Operands(*(launch.cast_operand(t, compute_dtype) for t in (x, W_enc, W_dec)))
+def checked_operands(
+    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float,
+    compute_dtype: torch.dtype | None, kept: tuple[Tensor, Tensor] | None = None,
+) -> Operands:
+    """Every check of a public kernel step's inputs, once per call, and the products' operands.
 
-
-def check_operands(ops: Operands, b_enc: Tensor, b_dec: Tensor, threshold: Tensor) -> None:
-    """The kernels' own requirement, at the public boundary: contiguous tensors on a device they can run on."""
+    Checks shapes, dtypes, devices and the bandwidth (`check_sae_inputs`), compute_dtype, the caller's kept
+    (W_enc, W_dec) copies if any (the masters' shapes and device, the dtype compute_dtype gives them), and that the
+    operands the kernels read are contiguous and on a device they can run on. The operands: detached contiguous
+    compute_dtype copies where `kernels.validate.rounds_to` says so (B * D + 2 * D * F elements read and written
+    once), else the tensors themselves; with `kept`, x alone is cast here.
+    """
+    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
+    check_compute_dtype(compute_dtype)
+    if kept is None:
+        ops = Operands(*(launch.cast_operand(t, compute_dtype) for t in (x, W_enc, W_dec)))
+    else:
+        for name, copy, master in (("W_enc", kept[0], W_enc), ("W_dec", kept[1], W_dec)):
+            dtype = compute_dtype if rounds_to(master.dtype, compute_dtype) else master.dtype
+            if copy.shape != master.shape or copy.dtype != dtype or copy.device != master.device:
+                raise ValueError(
+                    f"operands: the {name} copy is {copy.dtype} {tuple(copy.shape)} on {copy.device}; compute_dtype "
+                    f"{compute_dtype} needs {dtype} {tuple(master.shape)} on {master.device}"
+                )
+        ops = Operands(launch.cast_operand(x, compute_dtype), *kept)
     launch.check_kernel_tensors(x=ops.x, W_enc=ops.W_enc, b_enc=b_enc, W_dec=ops.W_dec, b_dec=b_dec,
                                 threshold=threshold)  # fmt: skip
+    return ops
 
 
 class Active(NamedTuple):

@@ -24,18 +24,9 @@ from torch import Tensor
 
 from kernels import jumprelu_encode as enc
 from kernels import latent_grads as lg
+from kernels import sae_pipeline as pipe
 from kernels import threshold_grad as tg
 from kernels.reference import Forward, count_dtype
-from kernels.sae_pipeline import (
-    Blocks,
-    GradDtypes,
-    Operands,
-    cast_operands,
-    check_operands,
-    sae_bwd,
-    sae_fwd,
-)
-from kernels.validate import check_compute_dtype, check_sae_inputs
 
 
 class SparseForward(NamedTuple):
@@ -54,10 +45,12 @@ class SparseForward(NamedTuple):
 class _SAEStep(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, ops, capacity, window_capacity, blocks):
-        x_hat, active = sae_fwd(ops, b_enc, b_dec, threshold, bandwidth, x.dtype, capacity, window_capacity, blocks)
+        x_hat, active = pipe.sae_fwd(
+            ops, b_enc, b_dec, threshold, bandwidth, x.dtype, capacity, window_capacity, blocks
+        )
         ctx.save_for_backward(*ops, b_dec, threshold)
         ctx.active, ctx.bandwidth, ctx.blocks = active, bandwidth, blocks
-        ctx.x_dtype, ctx.dtypes = x.dtype, GradDtypes(W_enc.dtype, b_enc.dtype, W_dec.dtype)
+        ctx.x_dtype, ctx.dtypes = x.dtype, pipe.GradDtypes(W_enc.dtype, b_enc.dtype, W_dec.dtype)
         # `active` is no tensor: autograd passes it through untracked.
         return x_hat, active.code.counts.to(count_dtype(x.dtype)), active
 
@@ -67,8 +60,9 @@ class _SAEStep(torch.autograd.Function):
         B = x.shape[0]
         g = torch.zeros_like(x, dtype=torch.float32) if g_x_hat is None else g_x_hat.contiguous()
         g_l0 = torch.zeros(B, dtype=torch.float32, device=x.device) if g_l0 is None else g_l0.contiguous()
-        grads = sae_bwd(Operands(x, W_enc, W_dec), b_dec, threshold, ctx.bandwidth, ctx.active, g, g_l0, ctx.dtypes,
-                        ctx.blocks, grad_x=ctx.needs_input_grad[0])  # fmt: skip
+        ops = pipe.Operands(x, W_enc, W_dec)
+        grads = pipe.sae_bwd(ops, b_dec, threshold, ctx.bandwidth, ctx.active, g, g_l0, ctx.dtypes, ctx.blocks,
+                             grad_x=ctx.needs_input_grad[0])  # fmt: skip
         d_x = None if grads.x is None else grads.x.to(ctx.x_dtype)
         return d_x, grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec, grads.threshold, *(None,) * 5
 
@@ -85,7 +79,7 @@ def sae_forward_sparse(
     compute_dtype: torch.dtype | None = None,
     capacity: int | None = None,
     window_capacity: int | None = None,
-    blocks: Blocks = Blocks(),
+    blocks: pipe.Blocks = pipe.Blocks(),
 ) -> SparseForward:
     """`sae_forward` with the encode's capacities and tile sizes exposed and its bookkeeping returned.
 
@@ -95,10 +89,7 @@ def sae_forward_sparse(
             row with more makes the encode run once more with exactly enough slots (`reruns` = 1).
         blocks: tile sizes.
     """
-    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
-    check_compute_dtype(compute_dtype)
-    ops = cast_operands(x, W_enc, W_dec, compute_dtype)
-    check_operands(ops, b_enc, b_dec, threshold)
+    ops = pipe.checked_operands(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype)
     x_hat, l0, active = _SAEStep.apply(
         x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, ops, capacity, window_capacity, blocks
     )

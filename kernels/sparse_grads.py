@@ -41,17 +41,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
-from kernels import launch
-from kernels.sae_pipeline import (
-    Blocks,
-    GradDtypes,
-    Operands,
-    cast_operands,
-    check_operands,
-    sae_bwd,
-    sae_fwd,
-)
-from kernels.validate import check_compute_dtype, check_sae_inputs, rounds_to
+from kernels import sae_pipeline as pipe
 
 
 class Objective(Protocol):
@@ -102,7 +92,7 @@ def sparse_loss_and_grads(
     operands: tuple[Tensor, Tensor] | None = None,
     capacity: int | None = None,
     window_capacity: int | None = None,
-    blocks: Blocks = Blocks(),
+    blocks: pipe.Blocks = pipe.Blocks(),
 ) -> LossAndGrads:
     """Forward, loss and backward of one SAE training step, with compact gradients (module docstring).
 
@@ -118,19 +108,18 @@ def sparse_loss_and_grads(
     The loss's gradients equal autograd's through `kernels.reference.sae_forward` + the same objective
     (tests/test_sparse_step.py); no parameter's `.grad` is read or written.
     """
-    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
-    check_compute_dtype(compute_dtype)
-    ops = _operands(x, W_enc, W_dec, compute_dtype, operands)
-    check_operands(ops, b_enc, b_dec, threshold)
-    x_hat, active = sae_fwd(ops, b_enc, b_dec, threshold, bandwidth, torch.float32, capacity, window_capacity, blocks)
+    ops = pipe.checked_operands(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype, operands)
+    x_hat, active = pipe.sae_fwd(
+        ops, b_enc, b_dec, threshold, bandwidth, torch.float32, capacity, window_capacity, blocks
+    )
 
     diff = x_hat - x.float()  # [B, D]
     l0 = active.code.counts.float()
     terms, d_errors, d_l0 = _objective_grads(objective, diff.pow(2).sum(-1), l0)
     g = diff.mul_((2.0 * d_errors).unsqueeze(1))  # [B, D] dL/dx_hat (diff is not needed again)
 
-    dtypes = GradDtypes(W_enc.dtype, b_enc.dtype, W_dec.dtype)
-    grads = sae_bwd(ops, b_dec, threshold, bandwidth, active, g, d_l0, dtypes, blocks, compact=True)
+    dtypes = pipe.GradDtypes(W_enc.dtype, b_enc.dtype, W_dec.dtype)
+    grads = pipe.sae_bwd(ops, b_dec, threshold, bandwidth, active, g, d_l0, dtypes, blocks, compact=True)
     code = active.code
     return LossAndGrads(
         terms, x_hat, l0, active.indices, active.values, code.fire_counts, grads.touched,
@@ -148,21 +137,6 @@ def _objective_grads(objective: Objective, errors: Tensor, l0: Tensor) -> tuple[
     detached = [t.detach() for t in terms]
     terms = terms._make(detached) if hasattr(terms, "_make") else type(terms)(detached)  # a NamedTuple keeps its type
     return terms, d_errors, d_l0.contiguous()
-
-
-def _operands(
-    x: Tensor, W_enc: Tensor, W_dec: Tensor, compute_dtype: torch.dtype | None, kept: tuple[Tensor, Tensor] | None
-) -> Operands:
-    """The products' operands: all cast here, or x cast here beside the caller's kept (W_enc, W_dec) copies,
-    which must have the masters' shapes and device and the dtype compute_dtype (checked already) gives them."""
-    if kept is None:
-        return cast_operands(x, W_enc, W_dec, compute_dtype)
-    for name, copy, master in (("W_enc", kept[0], W_enc), ("W_dec", kept[1], W_dec)):
-        dtype = compute_dtype if rounds_to(master.dtype, compute_dtype) else master.dtype
-        if copy.shape != master.shape or copy.dtype != dtype or copy.device != master.device:
-            raise ValueError(f"operands: the {name} copy is {copy.dtype} {tuple(copy.shape)} on {copy.device}; "
-                             f"compute_dtype {compute_dtype} needs {dtype} {tuple(master.shape)} on {master.device}")
-    return Operands(launch.cast_operand(x, compute_dtype), *kept)
 
 
 def optimizer_bytes(D: int, F: int, T: int, elt: int = 4) -> tuple[int, int]:

@@ -43,7 +43,7 @@ from sae.objectives import Objective
 from sae.sparse_adam import LazyAdam
 
 if TYPE_CHECKING:
-    from kernels.sae_step import Blocks
+    from kernels.sae_pipeline import Blocks
 
 # Which dimension of each SAE parameter indexes latents (None: dense, b_dec).
 LATENT_DIMS: dict[str, int | None] = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None, "threshold": 0}
@@ -154,7 +154,7 @@ def sparse_train_step(
         threshold_floor: thresholds are clamped to at least this after the step.
         capacity, window_capacity, blocks: passed to the kernels (`kernels.sae_step.sae_forward_sparse`).
     """
-    from kernels.sae_step import Blocks
+    from kernels.sae_pipeline import Blocks
     from kernels.sparse_grads import sparse_loss_and_grads
 
     cache = model.operand_cache

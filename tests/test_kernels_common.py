@@ -21,7 +21,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels import jumprelu_encode, launch, sae_step  # noqa: E402
 from kernels import reference as R  # noqa: E402, F401 (re-exported to the tests)
-from kernels.sae_step import Blocks  # noqa: E402
+from kernels.sae_pipeline import Blocks  # noqa: E402
 from kernels.sparse_decode import decode_sparse  # noqa: E402, F401 (re-exported to the tests)
 
 INTERPRET = launch.interpreting()
