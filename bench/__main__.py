@@ -31,7 +31,7 @@ from bench.runner import Env, add_speedups, run_case
 from bench.timing import Timer
 
 _KERNEL_MODULES = ("kernels.jumprelu_encode", "kernels.sparse_decode", "kernels.latent_grads",
-                   "kernels.threshold_grad", "kernels.sae_step", "kernels.sparse_grads")
+                   "kernels.threshold_grad", "kernels.sae_pipeline", "kernels.sae_step", "kernels.sparse_grads")
 
 
 def kernel_mode(device: torch.device) -> tuple[str, str]:

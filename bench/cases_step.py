@@ -65,7 +65,7 @@ from bench.registry import SAE_SIZES, Case, profiles_for
 from bench.runner import Env, Workload
 from bench.synthetic import capacity_after, wide_window
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
-from sae.objectives import sae_loss
+from sae.objectives import Objective, sae_loss
 from sae.sparse_step import LATENT_DIMS
 
 LR, COEFFICIENT, MAX_NORM, BETA2, ADAM_EPS = 1e-3, 1.0, 1.0, 0.999, 1e-8
@@ -166,8 +166,8 @@ class _Stepper:
             return dense_step(self.model, self.optimizer, self.x, self.target, self.compiled, self.autocast)
         from sae.sparse_step import sparse_train_step
 
-        step = sparse_train_step(self.model, self.optimizer, self.x, LR, "target_l0", COEFFICIENT, self.target,
-                                 MAX_NORM, capacity=self.capacity)
+        objective = Objective("target_l0", COEFFICIENT, self.target)
+        step = sparse_train_step(self.model, self.optimizer, self.x, LR, objective, MAX_NORM, capacity=self.capacity)
         self.capacity = capacity_after(step.max_l0, self.model.d_sae)  # as Trainer.train_step does
         return list(step.stats)
 
@@ -240,8 +240,8 @@ def _check_step(size: str, kind: str, low: torch.dtype | None) -> Callable[[Env]
         if kind == "triton":
             from kernels.sparse_grads import sparse_loss_and_grads
 
-            compact = sparse_loss_and_grads(x, *(p0[n] for n in PARAM_NAMES), shape.eps, "target_l0", COEFFICIENT, K,
-                                            compute_dtype=cd)
+            compact = sparse_loss_and_grads(x, *(p0[n] for n in PARAM_NAMES), shape.eps,
+                                            Objective("target_l0", COEFFICIENT, K), compute_dtype=cd)
             cmp.exact("touched latents", compact.touched, S)
             if compact.touched.shape == S.shape:
                 for name in PARAM_NAMES:

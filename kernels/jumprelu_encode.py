@@ -137,8 +137,9 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
     dot = tl.float32 if launch.interpreting() else op  # interpreter: fp32 products of the rounded values
     grid = (triton.cdiv(B, block_b), triton.cdiv(F, block_f))
     _jumprelu_encode_kernel[grid](
-        x, W_enc, b_enc, b_dec, threshold, idx, val, cnt, win, wcnt, fire,
-        B, D, F, cap, wcap, float(bandwidth),
+        p_x=x, p_w=W_enc, p_benc=b_enc, p_bdec=b_dec, p_theta=threshold,
+        p_idx=idx, p_val=val, p_cnt=cnt, p_win=win, p_wcnt=wcnt, p_fire=fire,
+        B=B, D=D, F=F, CAP=cap, WCAP=wcap, eps=float(bandwidth),
         OP_DTYPE=op, DOT_DTYPE=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
         BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d,
     )  # fmt: skip

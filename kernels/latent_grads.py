@@ -161,11 +161,16 @@ def latent_grads(
         raise ValueError(f"out_rows must have one row per latent, {tuple(pairs.latents.shape)}; got "
                          f"{tuple(out_rows.shape)}")
     if L:
+        # Without the encoder the HAS_ENC=False kernel reads none of its pointers: any valid tensor stands in.
+        encoder_args = (
+            {"p_dz": f, "p_x": g, "p_bdec": g, "p_dwenc": d_W_dec, "p_dbenc": d_W_dec} if enc is None
+            else {"p_dz": enc.dz, "p_x": enc.x, "p_bdec": enc.b_dec, "p_dwenc": d_W_enc, "p_dbenc": d_b_enc}
+        )  # fmt: skip
         _latent_grads_kernel[(L, triton.cdiv(D, block_d))](
-            out_rows, pairs.starts, pairs.rows, pairs.slots, f, g, d_W_dec,
-            *((f, g, g, d_W_dec, d_W_dec) if enc is None else (enc.dz, enc.x, enc.b_dec, d_W_enc, d_b_enc)),
-            D, F, HAS_ENC=enc is not None, BLOCK_P=block_p, BLOCK_D=block_d,
+            p_lat=out_rows, p_start=pairs.starts, p_rows=pairs.rows, p_slots=pairs.slots, p_f=f, p_g=g,
+            p_dwdec=d_W_dec, **encoder_args, D=D, F=F, HAS_ENC=enc is not None,
             XC_DTYPE=launch.tl_dtype(torch.float32 if enc is None else enc.operand_dtype),
+            BLOCK_P=block_p, BLOCK_D=block_d,
         )  # fmt: skip
     return WeightGrads(d_W_dec, d_W_enc, d_b_enc)
 

@@ -97,8 +97,8 @@ def decode_rows(
     block_k, block_d = blocks
     out = launch.empty((B, D), out_dtype, indices.device)
     _sparse_decode_kernel[(B, triton.cdiv(D, block_d))](
-        indices, values, counts, W, bias if bias is not None else W, out,
-        K, D, W.stride(0), W.stride(1),
+        p_idx=indices, p_val=values, p_cnt=counts, p_w=W, p_bias=bias if bias is not None else W, p_out=out,
+        K=K, D=D, stride_wf=W.stride(0), stride_wd=W.stride(1),
         HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_D=block_d,
     )  # fmt: skip
     return out
@@ -110,7 +110,9 @@ def gather_dot(g: Tensor, W: Tensor, indices: Tensor, counts: Tensor, blocks: tu
     (B, K), D = indices.shape, W.shape[1]
     block_k, block_d = blocks
     out = launch.empty((B, K), torch.float32, g.device)
-    _gather_dot_kernel[(B, triton.cdiv(K, block_k))](g, W, indices, counts, out, K, D, BLOCK_K=block_k, BLOCK_D=block_d)
+    _gather_dot_kernel[(B, triton.cdiv(K, block_k))](
+        p_g=g, p_w=W, p_idx=indices, p_cnt=counts, p_out=out, K=K, D=D, BLOCK_K=block_k, BLOCK_D=block_d
+    )
     return out
 
 

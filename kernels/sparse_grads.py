@@ -1,8 +1,10 @@
-"""One JumpReLU SAE training step's loss and COMPACT gradients, without autograd and without a dense gradient.
+"""One JumpReLU SAE training step's loss and COMPACT gradients, without autograd through the SAE and without a
+dense gradient.
 
 `sae_forward_sparse` (kernels/sae_step.py) already avoids every [B, F] tensor, but its autograd backward
 returns dense d W_enc [D, F] and d W_dec [F, D] (zero-filled, then written at the fired latents only), and
-the optimizer then reads and writes every element of both. Here the same kernels run in compact mode:
+the optimizer then reads and writes every element of both. Here the same forward and backward
+(`kernels.sae_pipeline.sae_fwd`, `sae_bwd`, where the formulas are) run in compact mode:
 
     touched  [T] int64 ascending: every latent that fired in the batch or had a pair in the threshold's STE
              window (union), i.e. every latent with a non-zero gradient in any latent parameter
@@ -12,20 +14,15 @@ the optimizer then reads and writes every element of both. Here the same kernels
     b_dec    [D]     dense
 
 Every gradient of a latent outside `touched` is exactly zero, so with Adam(0, beta2) (`LazyAdam`) the step
-touches O(T * D) bytes instead of O(F * D). The loss is the trainer's (sae/objectives.py):
+touches O(T * D) bytes instead of O(F * D).
 
-    reconstruction = mean_b sum_d (x_hat - x)^2            dL/dx_hat = 2 (x_hat - x) / B
-    "l0":          S = c * m                             dL/dl0_b  = c / B
-    "target_l0":   S = c * (m / target - 1)^2             dL/dl0_b  = 2 c (m / target - 1) / (target * B)
+The loss is the caller's `objective` (e.g. `sae.objectives.Objective`, the trainer's), a function of two [B]
+vectors only: the per-token errors e_b = sum_d (x_hat - x)[b, d]^2 and the rows' L0. Autograd through the
+objective alone (two [B] leaves, no SAE) gives dL/de and dL/dl0, and then
 
-with m = mean_b L0; the per-row upstream dL/dl0 is one scalar known once m is. The kernels (see
-kernels/sae_step.py for the forward and the backward formulas):
+    dL/dx_hat[b] = 2 (x_hat - x)[b] * dL/de[b]          dL/dl0[b] as given        (the backward's inputs)
 
-    forward   jumprelu_encode -> per-row sort -> decode_rows                  x_hat, L0, active set, window
-    dz        gather_dot(dL/dx_hat, W_dec)                                    [B, K]
-    W_dec, W_enc, b_enc  latent_grads(out_rows = rank in touched)             written once per touched row
-    threshold threshold_grad(out_rows = rank in touched)                      both sparsity paths
-    b_dec     sum_b dL/dx_hat[b] - W_enc[:, fired] @ d b_enc[fired]           pre-encoder bias
+so any objective of (errors, l0), TERM's tilted mean included, trains on this path exactly as on the dense one.
 
 Mixed precision (`compute_dtype`): x, W_enc and W_dec enter the products as compute_dtype copies (`operands`
 lets the caller pass W_enc and W_dec copies it keeps up to date, see sae/model.py `OperandCache`), the loss is
@@ -38,19 +35,21 @@ all 2 * F * D weights; the sparse one gathers, updates and scatters only 2 * T *
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-from kernels import latent_grads as lg
-from kernels import launch
-from kernels import sparse_decode as dec
-from kernels import threshold_grad as tg
-from kernels.sae_step import Blocks, Operands, cast_operands, encode_sorted
-from kernels.validate import check_compute_dtype, check_sae_inputs, rounds_to
+from kernels import sae_pipeline as pipe
 
-SPARSITY_KINDS = ("l0", "target_l0")
+
+class Objective(Protocol):
+    """The training loss from per-token squared errors [B] and per-row L0 [B] (fp32 leaves requiring grad):
+    a sequence of scalars whose first is the total that is differentiated (`sae.objectives.Objective` returns
+    its `Loss`). The kernels never import `sae`: any callable of this shape will do."""
+
+    def __call__(self, errors: Tensor, l0: Tensor) -> Sequence[Tensor]: ...
 
 
 class CompactGrads(NamedTuple):
@@ -66,9 +65,7 @@ class CompactGrads(NamedTuple):
 class LossAndGrads(NamedTuple):
     """Result of `sparse_loss_and_grads`; scalars stay on the device (no synchronisation)."""
 
-    loss: Tensor  # [] reconstruction + sparsity
-    reconstruction: Tensor  # [] sum over D of the squared error, mean over B
-    sparsity: Tensor  # [] coefficient applied
+    terms: Sequence[Tensor]  # the objective's result, detached (same type: `Loss` for `sae.objectives.Objective`)
     x_hat: Tensor  # [B, D] fp32
     l0: Tensor  # [B] fp32 active latents per row
     indices: Tensor  # [B, K] int64 each row's active latents by descending value, (0, 0) padded
@@ -80,18 +77,6 @@ class LossAndGrads(NamedTuple):
     reruns: int  # 1 when a row overflowed the first encode capacity
 
 
-def sparsity_term(mean_l0: Tensor, kind: str, coefficient: float, target_l0: float) -> tuple[Tensor, Tensor]:
-    """(S, dS/dm) of the sparsity term S(m), m = mean_b L0, as 0-dim fp32 tensors (sae/objectives.py)."""
-    if kind == "l0":
-        return coefficient * mean_l0, torch.full_like(mean_l0, coefficient)
-    if kind == "target_l0":
-        if not target_l0 > 0:
-            raise ValueError(f"target_l0 must be > 0; got {target_l0}")
-        gap = mean_l0 / target_l0 - 1.0
-        return coefficient * gap**2, (2.0 * coefficient / target_l0) * gap
-    raise ValueError(f"unknown sparsity objective {kind!r}; use one of {SPARSITY_KINDS}")
-
-
 @torch.no_grad()
 def sparse_loss_and_grads(
     x: Tensor,
@@ -101,81 +86,57 @@ def sparse_loss_and_grads(
     b_dec: Tensor,
     threshold: Tensor,
     bandwidth: float,
-    sparsity: str,
-    coefficient: float,
-    target_l0: float,
+    objective: Objective,
     *,
     compute_dtype: torch.dtype | None = None,
     operands: tuple[Tensor, Tensor] | None = None,
     capacity: int | None = None,
     window_capacity: int | None = None,
-    blocks: Blocks = Blocks(),
+    blocks: pipe.Blocks = pipe.Blocks(),
 ) -> LossAndGrads:
     """Forward, loss and backward of one SAE training step, with compact gradients (module docstring).
 
     Args:
         x: [B, D]; W_enc [D, F]; b_enc [F]; W_dec [F, D]; b_dec [D]; threshold [F] (> 0); contiguous, on
             CUDA (or CPU under TRITON_INTERPRET=1). bandwidth: the STE window width eps.
-        sparsity, coefficient, target_l0: the sparsity term ("l0" or "target_l0", sae/objectives.py).
+        objective: the loss of (errors [B], l0 [B]) (`Objective`), e.g. `sae.objectives.Objective`.
         compute_dtype: the products' operand dtype (e.g. torch.bfloat16 beside fp32 parameters); None: the
             inputs' own. The gradients come in the parameters' dtypes either way.
         operands: (W_enc, W_dec) already in compute_dtype (a kept copy: no [F, D] cast this step); default:
             cast here.
         capacity, window_capacity, blocks: as in `kernels.sae_step.sae_forward_sparse`.
-    The loss's gradients equal autograd's through `kernels.reference.sae_forward` + `sae.objectives.sae_loss`
+    The loss's gradients equal autograd's through `kernels.reference.sae_forward` + the same objective
     (tests/test_sparse_step.py); no parameter's `.grad` is read or written.
     """
-    if sparsity not in SPARSITY_KINDS:
-        raise ValueError(f"unknown sparsity objective {sparsity!r}; use one of {SPARSITY_KINDS}")
-    check_sae_inputs(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth)
-    ops = _operands(x, W_enc, W_dec, compute_dtype, operands)
-    code, indices, values = encode_sorted(
-        ops.x, ops.W_enc, b_enc, ops.W_dec, b_dec, threshold, bandwidth, capacity, window_capacity, blocks
+    ops = pipe.checked_operands(x, W_enc, b_enc, W_dec, b_dec, threshold, bandwidth, compute_dtype, operands)
+    x_hat, active = pipe.sae_fwd(
+        ops, b_enc, b_dec, threshold, bandwidth, torch.float32, capacity, window_capacity, blocks
     )
-    (B, D), F = x.shape, W_enc.shape[1]
-    x_hat = dec.decode_rows(indices, values, code.counts, ops.W_dec, b_dec, torch.float32, blocks.rows)
 
-    diff = x_hat - x.float()
-    reconstruction = diff.pow(2).sum(-1).mean()
-    l0 = code.counts.float()
-    sparsity_value, d_mean_l0 = sparsity_term(l0.mean(), sparsity, coefficient, target_l0)
-    g = diff.mul_(2.0 / B)  # [B, D] dL/dx_hat (diff is not needed again)
-    g_l0 = (d_mean_l0 / B).expand(B).contiguous()  # [B] dL/dl0_b, the same for every row
+    diff = x_hat - x.float()  # [B, D]
+    l0 = active.code.counts.float()
+    terms, d_errors, d_l0 = _objective_grads(objective, diff.pow(2).sum(-1), l0)
+    g = diff.mul_((2.0 * d_errors).unsqueeze(1))  # [B, D] dL/dx_hat (diff is not needed again)
 
-    dz = dec.gather_dot(g, ops.W_dec, indices, code.counts, blocks.rows)
-    active = lg.latent_major(indices, code.counts, F, code.fire_counts)
-    window = lg.latent_major(code.window, code.window_counts, F)
-    touched = torch.unique(torch.cat([active.latents, window.latents]))  # sorted, distinct
-    T = touched.numel()
-    rank_active = torch.searchsorted(touched, active.latents)
-    rank_window = torch.searchsorted(touched, window.latents)
-
-    encoder = lg.EncoderPairs(dz, ops.x, b_dec, W_enc.dtype, b_enc.dtype, launch.operand_dtype(ops.x, ops.W_enc))
-    weights = lg.latent_grads(active, values, g, (T, D), W_dec.dtype, encoder, blocks.pairs, out_rows=rank_active)
-    d_theta = tg.threshold_grad(window, g, g_l0, ops.W_dec, threshold, bandwidth, blocks.pairs, rank_window, T)
-    # sum_b dL/dx[b] through the encoder = W_enc @ d b_enc, over the fired columns only ([D, L] gather).
-    d_b_dec = g.sum(0) - ops.W_enc.index_select(1, active.latents).float() @ weights.b_enc[rank_active].float()
-
-    grads = CompactGrads(weights.W_enc, weights.b_enc, weights.W_dec, d_b_dec.to(b_dec.dtype), d_theta)
+    dtypes = pipe.GradDtypes(W_enc.dtype, b_enc.dtype, W_dec.dtype)
+    grads = pipe.sae_bwd(ops, b_dec, threshold, bandwidth, active, g, d_l0, dtypes, blocks, compact=True)
+    code = active.code
     return LossAndGrads(
-        reconstruction + sparsity_value, reconstruction, sparsity_value, x_hat, l0, indices, values,
-        code.fire_counts, touched, grads, int(code.window_counts.sum()), code.reruns,
+        terms, x_hat, l0, active.indices, active.values, code.fire_counts, grads.touched,
+        CompactGrads(grads.W_enc, grads.b_enc, grads.W_dec, grads.b_dec, grads.threshold),
+        int(code.window_counts.sum()), code.reruns,
     )  # fmt: skip
 
 
-def _operands(
-    x: Tensor, W_enc: Tensor, W_dec: Tensor, compute_dtype: torch.dtype | None, kept: tuple[Tensor, Tensor] | None
-) -> Operands:
-    """The products' operands: all cast here, or x cast here beside the caller's kept (W_enc, W_dec) copies."""
-    if kept is None:
-        return cast_operands(x, W_enc, W_dec, compute_dtype)
-    for name, copy, master in (("W_enc", kept[0], W_enc), ("W_dec", kept[1], W_dec)):
-        dtype = compute_dtype if rounds_to(master.dtype, compute_dtype) else master.dtype
-        if copy.shape != master.shape or copy.dtype != dtype or copy.device != master.device:
-            raise ValueError(f"operands: the {name} copy is {copy.dtype} {tuple(copy.shape)} on {copy.device}; "
-                             f"compute_dtype {compute_dtype} needs {dtype} {tuple(master.shape)} on {master.device}")
-    check_compute_dtype(compute_dtype)
-    return Operands(launch.cast_operand(x, compute_dtype), *kept)
+def _objective_grads(objective: Objective, errors: Tensor, l0: Tensor) -> tuple[Sequence[Tensor], Tensor, Tensor]:
+    """(the objective's terms detached, dL/derrors [B], dL/dl0 [B]) by autograd through the objective alone."""
+    with torch.enable_grad():
+        errors, l0 = errors.detach().requires_grad_(), l0.detach().requires_grad_()
+        terms = objective(errors, l0)
+        d_errors, d_l0 = torch.autograd.grad(terms[0], (errors, l0), allow_unused=True, materialize_grads=True)
+    detached = [t.detach() for t in terms]
+    terms = terms._make(detached) if hasattr(terms, "_make") else type(terms)(detached)  # a NamedTuple keeps its type
+    return terms, d_errors, d_l0.contiguous()
 
 
 def optimizer_bytes(D: int, F: int, T: int, elt: int = 4) -> tuple[int, int]:

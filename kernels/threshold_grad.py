@@ -98,8 +98,9 @@ def threshold_grad(
         out = torch.zeros(num_out, dtype=threshold.dtype, device=threshold.device)
     if L:
         _threshold_grad_kernel[(L,)](
-            window.latents, out_rows, window.starts, window.rows, g, g_l0, W_dec, threshold, out,
-            W_dec.shape[1], float(bandwidth), BLOCK_P=block_p, BLOCK_D=block_d,
+            p_lat=window.latents, p_orow=out_rows, p_start=window.starts, p_rows=window.rows, p_g=g, p_gl0=g_l0,
+            p_wdec=W_dec, p_theta=threshold, p_out=out, D=W_dec.shape[1], eps=float(bandwidth),
+            BLOCK_P=block_p, BLOCK_D=block_d,
         )  # fmt: skip
     return out
 

@@ -1,11 +1,12 @@
-"""`Trainer.train_step` done sparsely: Triton forward and backward with compact gradients, then `LazyAdam`.
+"""The dense training step (sae/dense_step.py) done sparsely: Triton forward and backward with compact gradients,
+then `LazyAdam`.
 
 With Adam beta1 = 0 a parameter entry whose gradient is zero gets no update, only a second-moment decay that
 `LazyAdam` applies lazily (RECIPES.md section 1), and the gradients of W_enc columns, W_dec rows, b_enc and
 threshold are zero outside the latents that fired or had a pair in the threshold's STE window. So every step
 of the dense recipe can be restricted to those T touched latents, exactly:
 
-    dense (Trainer.train_step)                         sparse (here), T touched latents
+    dense (sae/dense_step.py)                          sparse (here), T touched latents
     forward + loss + autograd backward [F, D] grads     kernels.sparse_grads: [D, T] / [T, D] / [T] grads
     project_decoder_grad over all F rows                over the T touched rows (the others' grads are 0)
     clip_grad_norm_ over all parameters                 the same norm from the compact grads (+ b_dec)
@@ -40,27 +41,29 @@ import torch
 from torch import Tensor
 
 from sae.config import OptimConfig
+from sae.health import check_step_values
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import Objective
 from sae.sparse_adam import LazyAdam
-from sae.steps import SPARSE_PREFIX, StepResult, saved_optimizer_state
+from sae.steps import SPARSE_PREFIX, StepResult, explained_variance, saved_optimizer_state
 
 if TYPE_CHECKING:
-    from kernels.sae_step import Blocks
+    from kernels.sae_pipeline import Blocks
 
 # Which dimension of each SAE parameter indexes latents (None: dense, b_dec).
 LATENT_DIMS: dict[str, int | None] = {"W_enc": 1, "b_enc": 0, "W_dec": 0, "b_dec": None, "threshold": 0}
 
 
 class SparseStepStats(NamedTuple):
-    """The statistics `Trainer.train_step` returns before lr and coefficient, in the same order and units."""
+    """What `sparse_train_step` measures, in the units of `sae.steps.StepResult` (mse last)."""
 
     loss: float
-    reconstruction: float
+    reconstruction: float  # as optimised: tilted when the objective's tilt > 0
     sparsity: float
     l0: float  # mean over the batch
     explained_variance: float  # about the batch mean (RECIPES 3)
     grad_norm: float  # before clipping, of all parameters' gradients
+    mse: float  # plain mean squared error summed over d_in, comparable across tilts
 
 
 class SparseUpdate(NamedTuple):
@@ -134,9 +137,7 @@ def sparse_train_step(
     optimizer: LazyAdam,
     x: Tensor,
     lr: float,
-    sparsity: str,
-    coefficient: float,
-    target_l0: float,
+    objective: Objective,
     max_grad_norm: float,
     *,
     threshold_floor: float = THRESHOLD_FLOOR,
@@ -144,26 +145,27 @@ def sparse_train_step(
     window_capacity: int | None = None,
     blocks: Blocks | None = None,
 ) -> SparseUpdate:
-    """One training step, identical in mathematics to `Trainer.train_step`, touching only the touched latents.
+    """One training step, identical in mathematics to `sae.dense_step.DenseStep`, touching only the touched latents.
 
     Args:
         model: the SAE (fp32 parameters, on CUDA, or CPU under TRITON_INTERPRET=1); its `.grad`s stay None.
             Its `compute_dtype` (e.g. torch.bfloat16) is the kernels' product operand dtype.
         optimizer: from `build_lazy_adam(model, ...)`.
         x: [B, D] a batch, already scaled.
-        lr: this step's learning rate; sparsity, coefficient, target_l0: this step's sparsity term.
+        lr: this step's learning rate; objective: this step's loss (its coefficient warmed up for this step),
+            any `sae.objectives.Objective`, TERM's tilt included.
         max_grad_norm: clip the global gradient norm to it; <= 0 or inf: no clipping (the norm is still
             reported).
         threshold_floor: thresholds are clamped to at least this after the step.
         capacity, window_capacity, blocks: passed to the kernels (`kernels.sae_step.sae_forward_sparse`).
     """
-    from kernels.sae_step import Blocks
+    from kernels.sae_pipeline import Blocks
     from kernels.sparse_grads import sparse_loss_and_grads
 
     cache = model.operand_cache
     out = sparse_loss_and_grads(
         x, model.W_enc, model.b_enc, model.W_dec, model.b_dec, model.threshold, model.bandwidth,
-        sparsity, coefficient, target_l0, compute_dtype=model.compute_dtype,
+        objective, compute_dtype=model.compute_dtype,
         operands=None if cache is None else cache.get(model),
         capacity=capacity, window_capacity=window_capacity, blocks=blocks or Blocks(),
     )  # fmt: skip
@@ -182,6 +184,7 @@ def sparse_train_step(
     scale = torch.clamp(max_norm / (grad_norm + 1e-6), max=1.0)
     for g in ordered:
         g.mul_(scale)
+    check_step_values({"loss": out.terms.total, "gradient norm": grad_norm})  # before any parameter moves
 
     optimizer.step(grads, touched, lr)
 
@@ -191,12 +194,11 @@ def sparse_train_step(
     if cache is not None:  # only the touched latents of W_enc and W_dec were written
         cache.refresh(model, touched)
 
-    x32 = x.float()
-    residual = (x32 - out.x_hat).pow(2).sum()
-    explained = 1.0 - residual / (x32 - x32.mean(dim=0)).pow(2).sum()
+    explained = explained_variance(x.float(), out.x_hat)
+    loss = out.terms
     stats = SparseStepStats(
-        out.loss.item(), out.reconstruction.item(), out.sparsity.item(), out.l0.mean().item(), explained.item(),
-        grad_norm.item(),
+        loss.total.item(), loss.reconstruction.item(), loss.sparsity.item(), out.l0.mean().item(), explained.item(),
+        grad_norm.item(), loss.mse.item(),
     )  # fmt: skip
     return SparseUpdate(stats, out.indices, out.values.to(x.dtype), out.reruns, int(out.l0.max().item()))
 
@@ -217,13 +219,11 @@ class SparseStep:
         self.capacity: int | None = None  # None: the kernel's default for the first batch
 
     def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
-        step = sparse_train_step(
-            self.model, self.optimizer, x, lr, objective.sparsity, objective.coefficient, objective.target_l0,
-            self.max_grad_norm, capacity=self.capacity,
-        )  # fmt: skip
+        step = sparse_train_step(self.model, self.optimizer, x, lr, objective, self.max_grad_norm,
+                                 capacity=self.capacity)
         self.capacity = min(self.model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
-        st = step.stats  # no tilt here, so the optimised reconstruction term is the plain mse
-        return StepResult(st.loss, st.reconstruction, st.reconstruction, st.sparsity, st.l0, st.explained_variance,
+        st = step.stats
+        return StepResult(st.loss, st.reconstruction, st.mse, st.sparsity, st.l0, st.explained_variance,
                           st.grad_norm, float(step.reruns), step.indices, step.values)
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -206,10 +206,13 @@ def _moved_b_dec(monkeypatch) -> None:
 
 def _unrounded_operands(monkeypatch) -> None:
     """The kernels fed the fp32 x, W_enc, W_dec instead of their fp16 roundings (the products no longer round)."""
-    from kernels import sparse_grads
-    from kernels.sae_step import Operands
+    from kernels import sae_pipeline
+    from kernels.sae_pipeline import Operands
 
-    monkeypatch.setattr(sparse_grads, "_operands", lambda x, W_enc, W_dec, compute_dtype, kept: Operands(x, W_enc, W_dec))
+    def unrounded(x, W_enc, b_enc, W_dec, *args):
+        return Operands(x, W_enc, W_dec)
+
+    monkeypatch.setattr(sae_pipeline, "checked_operands", unrounded)
 
 
 @pytest.mark.parametrize("perturb, first", [(_moved_b_dec, "b_dec after the step"), (_unrounded_operands, None)])

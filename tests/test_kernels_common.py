@@ -21,7 +21,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 from kernels import jumprelu_encode, launch, sae_step  # noqa: E402
 from kernels import reference as R  # noqa: E402, F401 (re-exported to the tests)
-from kernels.sae_step import Blocks  # noqa: E402
+from kernels.sae_pipeline import Blocks  # noqa: E402
 from kernels.sparse_decode import decode_sparse  # noqa: E402, F401 (re-exported to the tests)
 
 INTERPRET = launch.interpreting()
@@ -112,17 +112,20 @@ def run(forward, case: dict[str, Tensor], eps: float, kind: str, dtype=torch.flo
     return out, {k: torch.zeros_like(t[k]) if t[k].grad is None else t[k].grad for k in names}
 
 
-def magnitudes(case: dict[str, Tensor], eps: float, kind: str, lam: float = 0.3, target: float = 5.0) -> dict:
+def magnitudes(case: dict[str, Tensor], eps: float, kind: str, lam: float = 0.3, target: float = 5.0,
+               row_weights: Tensor | None = None) -> dict:
     """fp64 magnitude M (sum of |terms|) of every output and gradient of `run(..., kind)` on `case`, for
     `assert_matches`: the same computation with every input and intermediate replaced by its absolute value and
     every subtraction by an addition (the active set and the window taken from the exact pre-activations).
 
         z~      = (|x| + |b_dec|) @ |W_enc| + |b_enc|          f~ = z~ * H          x_hat~ = f~ @ |W_dec| + |b_dec|
-        g~      = 2 (x_hat~ + |x|) / B   (0 for "l0_only")     df~ = g~ @ |W_dec|^T       dz~ = df~ * H
+        g~      = 2 (x_hat~ + |x|) w   (0 for "l0_only")       df~ = g~ @ |W_dec|^T       dz~ = df~ * H
         W_dec~  = f~^T @ g~     W_enc~ = (|x| + |b_dec|)^T @ dz~     b_enc~ = sum_b dz~
         b_dec~  = sum_b g~ + sum_b dz~ @ |W_enc|^T                   x~ = g~ + dz~ @ |W_enc|^T
         theta~  = (theta / eps) sum_b df~ * K + (1 / eps) dL/dl0~ sum_b K
-    with dL/dl0~ = lam / B ("l0"), 2 lam (m / target + 1) / (target B) ("target_l0", m = mean L0).
+    with dL/dl0~ = lam / B ("l0"), 2 lam (m / target + 1) / (target B) ("target_l0", m = mean L0), and w the
+    rows' weights dL/de_b of the reconstruction term on the per-token errors e_b (`row_weights` [B], e.g. TERM's
+    softmax; default 1 / B, the plain mean).
     "values" is the dense [B, F] f~, as `assert_active_set` compares the active values densely.
     """
     c = {k: v.double() for k, v in case.items()}
@@ -135,7 +138,9 @@ def magnitudes(case: dict[str, Tensor], eps: float, kind: str, lam: float = 0.3,
     xc = a["x"] + a["b_dec"]
     f = (xc @ a["W_enc"] + a["b_enc"]) * H
     x_hat = f @ a["W_dec"] + a["b_dec"]
-    g = 2.0 * (x_hat + a["x"]) / B if kind != "l0_only" else torch.zeros_like(x_hat)
+    g = 2.0 * (x_hat + a["x"])
+    g = g / B if row_weights is None else g * row_weights.double()[:, None]
+    g = g if kind != "l0_only" else torch.zeros_like(x_hat)
     df = g @ a["W_dec"].T
     dz = df * H
     mean_l0 = float(H.sum(-1).mean())

@@ -168,13 +168,15 @@ def test_one_sparse_step_compact_grads_match_autograd_at_compute_dtype(compute_d
     """`sparse_loss_and_grads` with compute_dtype (and with kept operand copies) against autograd through the
     reference at the same compute_dtype, compacted to `touched`: fp32 gradients under the fp32 precision rule."""
     from kernels.sparse_grads import sparse_loss_and_grads
+    from sae.objectives import Objective
     from sae.sparse_step import LATENT_DIMS
 
     B, D, F, kind, eps = 33, 17, 67, "target_l0", 0.05
     case = make_case(B, D, F, seed=11, eps=eps, compute_dtype=compute_dtype)
     args = [case[k].to(DEVICE) for k in ("x", *PARAMS)]
     kept = (args[1].to(compute_dtype), args[3].to(compute_dtype))
-    outs = [sparse_loss_and_grads(*args, eps, kind, 0.3, 5.0, compute_dtype=compute_dtype, operands=ops,
+    objective = Objective(kind, 0.3, 5.0)
+    outs = [sparse_loss_and_grads(*args, eps, objective, compute_dtype=compute_dtype, operands=ops,
                                   capacity=16, window_capacity=16, blocks=BLOCKS) for ops in (None, kept)]  # fmt: skip
     _, g32 = run(R.sae_forward, case, eps, kind, compute_dtype=compute_dtype)
     _, g64 = run(R.sae_forward, case, eps, kind, torch.float64, compute_dtype=compute_dtype)
@@ -188,7 +190,7 @@ def test_one_sparse_step_compact_grads_match_autograd_at_compute_dtype(compute_d
             assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64, m)
     assert torch.equal(outs[0].grads.W_enc, outs[1].grads.W_enc)
     with pytest.raises(ValueError, match="the W_dec copy is torch.float32"):
-        sparse_loss_and_grads(*args, eps, kind, 0.3, 5.0, compute_dtype=compute_dtype, operands=(kept[0], args[3]))
+        sparse_loss_and_grads(*args, eps, objective, compute_dtype=compute_dtype, operands=(kept[0], args[3]))
 
 
 def test_compute_dtype_names_resolve_and_refuse_what_cannot_run():

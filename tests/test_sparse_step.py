@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from sae.model import JumpReLUSAE
-from sae.objectives import sae_loss
+from sae.objectives import Objective, per_token_error, sae_loss
 from sae.schedule import lr_at, sparsity_coefficient_at
 from sae.sparse_step import (
     LATENT_DIMS,
@@ -96,7 +96,8 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as guard:
         # run()'s loss has lambda 0.3, target 5. Capacities below F: the default min(F, 128) would make the
         # encode's slot buffers [B, F]-shaped at these small F.
-        out = sparse_loss_and_grads(*args, eps, kind, 0.3, 5.0, capacity=16, window_capacity=16, blocks=BLOCKS)
+        out = sparse_loss_and_grads(*args, eps, Objective(kind, 0.3, 5.0), capacity=16, window_capacity=16,
+                                    blocks=BLOCKS)
     assert not guard.hits, guard.hits
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as dense_guard:
         ref32, g32 = run(R.sae_forward, case, eps, kind)
@@ -120,8 +121,8 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
 
     x32, x64 = case["x"], case["x"].double()
     assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat, mags["x_hat"])
-    for what, got, mode in (("reconstruction", out.reconstruction, "mse"), ("loss", out.loss, kind),
-                            ("sparsity", out.sparsity, "l0_only" if kind == "l0" else None)):
+    for what, got, mode in (("reconstruction", out.terms.reconstruction, "mse"), ("loss", out.terms.total, kind),
+                            ("sparsity", out.terms.sparsity, "l0_only" if kind == "l0" else None)):
         if mode is None:  # target_l0's term alone: the loss minus the reconstruction
             r32, r64 = ((loss_of(kind, x, r.x_hat, r.l0) - loss_of("mse", x, r.x_hat, r.l0)).detach()
                         for x, r in ((x32, ref32), (x64, ref64)))
@@ -130,6 +131,49 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
         assert_matches(what, got, r32, r64)
     assert torch.equal(out.l0.cpu(), ref32.l0.detach())
     assert torch.equal(out.fire_counts.cpu().long(), fires.sum(0))
+
+
+TILT = 0.02  # TERM: t (max e - min e) = 2 to 3 on these cases (e = per-token error), tokens weighted 10-20x apart
+
+
+@pytest.mark.parametrize("B, D, F, kind, eps", [(33, 17, 67, "l0", 0.05), (19, 15, 63, "target_l0", 0.25)])
+def test_one_step_with_a_tilted_objective_matches_autograd(B, D, F, kind, eps, poisoned):  # noqa: F811
+    """TERM (tilt > 0) on the sparse path: `sparse_loss_and_grads` with a tilted `Objective` against autograd
+    through `kernels.reference.sae_forward` + the same `Objective`: every term of the loss and every gradient,
+    by the precision rule, with the magnitudes of the tilted weights dL/de_b = softmax(t e)_b."""
+    from kernels.sparse_grads import sparse_loss_and_grads
+
+    objective = Objective(kind, 0.3, 5.0, tilt=TILT)
+    case = make_case(B, D, F, seed=B * 1000 + D * 10 + F, eps=eps)
+    out = sparse_loss_and_grads(case["x"].to(DEVICE), *(case[k].to(DEVICE) for k in PARAMS), eps, objective,
+                                capacity=16, window_capacity=16, blocks=BLOCKS)  # fmt: skip
+
+    def reference(dtype):
+        t = {k: v.to(DEVICE, dtype, copy=True).requires_grad_(k != "x") for k, v in case.items()}
+        ref = R.sae_forward(t["x"], *(t[k] for k in PARAMS), eps)
+        loss = objective(per_token_error(t["x"], ref.x_hat), ref.l0)
+        loss.total.backward()
+        return ref, loss, {k: t[k].grad.cpu() for k in PARAMS}
+
+    (ref32, loss32, g32), (ref64, loss64, g64) = reference(torch.float32), reference(torch.float64)
+    errors64 = per_token_error(ref64.x_hat, case["x"].to(DEVICE).double()).detach()
+    weights = torch.softmax(TILT * errors64, 0).cpu()
+    assert weights.max() > 10 * weights.min() and loss64.reconstruction > 1.05 * loss64.mse, "not tilted"
+
+    assert type(out.terms) is type(loss64) and not any(t.requires_grad for t in out.terms)
+    for what, got, r32, r64 in zip(loss64._fields, out.terms, loss32, loss64):
+        assert_matches(what, got, r32.detach(), r64.detach())
+    fires, in_window = fires_and_window(case, eps)
+    touched = fires.any(0) | in_window.any(0)
+    t, mags = out.touched.cpu(), magnitudes(case, eps, kind, row_weights=weights)
+    assert torch.equal(t, touched.nonzero().squeeze(1))
+    for name in PARAMS:
+        dim = LATENT_DIMS[name]
+        if dim is not None:  # autograd's gradient is exactly zero outside `touched`
+            assert not g64[name].index_select(dim, (~touched).nonzero().squeeze(1)).any(), name
+        r32, r64, m = (g if dim is None else g.index_select(dim, t) for g in (g32[name], g64[name], mags[name]))
+        assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64, m)
+    assert_matches("x_hat", out.x_hat, ref32.x_hat.detach(), ref64.x_hat.detach(), mags["x_hat"])
 
 
 # -- N steps: the sparse trainer step against Trainer.train_step's dense sequence ------------------------------
@@ -253,7 +297,7 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
         # The allocation guard doubles a step's time in the interpreter: on the last step only.
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step == STEPS - 1 else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, kind, coefficient, TARGET, max_norm,
+            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), max_norm,
                                        capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
         assert guard is None or not guard.hits, guard.hits
         assert all(p.grad is None for p in sparse.parameters())
@@ -332,7 +376,7 @@ def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step
             s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, MAX_NORM)
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, kind, coefficient, TARGET, MAX_NORM,
+            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), MAX_NORM,
                                        capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
         assert guard is None or not guard.hits, guard.hits
         assert all(getattr(sparse, name).dtype == torch.float32 for name in PARAMS)

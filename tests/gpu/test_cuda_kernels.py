@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device: these tests compile the Triton kernels for it", allow_module_level=True)
 
 from kernels import sae_step  # noqa: E402
-from kernels.sae_step import Blocks  # noqa: E402
+from kernels.sae_pipeline import Blocks  # noqa: E402
 from tests.test_kernels_common import (  # noqa: E402, F401 (poisoned is a fixture)
     BLOCKS,
     DEVICE,
