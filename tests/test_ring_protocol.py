@@ -27,8 +27,8 @@ CONSUMER = "consumer"
 
 
 class Trace:
-    """Operations in issue order, on named streams; `clock[s]` is stream s's vector clock: how many operations
-    of each stream happen before its next one."""
+    """Accesses of the ring in issue order, on named streams, with vector clocks: clock[s][t] is how many of
+    stream t's operations happen before stream s's next one."""
 
     def __init__(self):
         self._lock = threading.Condition()
