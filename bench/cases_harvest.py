@@ -1,16 +1,16 @@
 """Harvester cases: the bare truncated LM forward, the `Harvester` iterator, and the harvester feeding
 `Trainer.train_step`; the bare forward is the baseline ("x ref" is tokens/s over the bare forward's).
 
-Sizes: "gemma2-2b" (CUDA): a Gemma-2-2B-shaped model with random weights (hidden 2304, 26 layers, 8 heads,
-4 KV heads, head dim 256, intermediate 9216, vocab 256000, eager attention) in bf16, layer 20, context
-1024, batch 4096, SAE 16384 latents; "offline" (CPU): the offline default (ModelConfig() and DataConfig():
-Gemma-3 270M, layer 12, ICD-10-CM text, context 128), batch 1024, SAE 2560 latents; "tiny" (--quick): a
-3-layer random Gemma-2 of width 64. The random models read CPython's own prose (dataset "pydoc-prose")
-through a byte-level BPE tokenizer trained on it here (no Gemma tokenizer exists offline); it costs the
-forward nothing. The buffer holds 8 batches (4 for "offline"): two halves (segments), one delivered while
-the next is harvested in the background (BufferConfig defaults: overlap, passes = 1, so delivered tokens/s =
-harvested tokens/s in the steady state); one timed repetition is one segment. These cases are timed by wall clock
-around a device-wide synchronisation (the harvesting runs on its own thread and CUDA stream).
+Sizes: "gemma2-2b" (CUDA): a Gemma-2-2B-shaped model with random weights (hidden 2304, 26 layers, 8 heads, 4 KV
+heads, head dim 256, intermediate 9216, vocab 256000, eager attention) in bf16, layer 20, context 1024, batch
+4096, SAE 65536 latents (issue 13's criterion); "offline" (CPU): the offline default (ModelConfig() and
+DataConfig(): Gemma-3 270M, layer 12, ICD-10-CM text, context 128), batch 1024, SAE 2560 latents; "tiny"
+(--quick): a 3-layer random Gemma-2 of width 64. The random models read CPython's own prose (dataset
+"pydoc-prose") through a byte-level BPE tokenizer trained on it here (no Gemma tokenizer exists offline); it
+costs the forward nothing. The buffer holds 8 batches (4 for "offline"): two halves (segments), one delivered
+while the next is harvested in the background (BufferConfig defaults: overlap, passes = 1, so delivered tokens/s
+= harvested tokens/s in the steady state); one timed repetition is one segment. These cases are timed by wall
+clock around a device-wide synchronisation (the harvesting runs on its own thread and CUDA stream).
 
 Checks: the truncated forward equals the untruncated one at the hooked layer; every vector of the
 harvester's first batch is the activation of a non-special position of the rows the harvester ran through
@@ -60,7 +60,7 @@ _RANDOM_GEMMA2 = {
 _SIZES = {  # layer, context, batch, d_sae, target L0, tokenizer vocabulary, buffer in batches
     "tiny": (1, 64, 256, 256, 8, 512, 8),
     "offline": (12, 128, 1024, 2560, 32, None, 4),  # segments of 2 batches: ~4 s each on 2 cores
-    "gemma2-2b": (20, 1024, 4096, 16384, 64, 8192, 8),  # 32768 tokens, BufferConfig's default
+    "gemma2-2b": (20, 1024, 4096, 65536, 64, 8192, 8),  # 32768 tokens, BufferConfig's default
 }
 _PROFILES = {"tiny": frozenset({"quick"}), "offline": frozenset({"cpu"}), "gemma2-2b": frozenset({"cuda"})}
 

@@ -25,7 +25,7 @@ from .errors import HarvestError
 from .forward import GroupReader
 from .lm import check_layer, load_lm, num_layers
 from .nonfinite import NonFiniteFilter
-from .ring import RingProducer
+from .ring import CudaStreams, RingProducer, stream_sync
 from .segments import SegmentFiller
 from .text import token_rows
 
@@ -72,6 +72,7 @@ class Harvester:
         self.segment_tokens = self.batches_per_pass * batch_size  # whole batches: no token is ever dropped
         self.dtype = next(self.model.parameters()).dtype
         self._ring: torch.Tensor | None = None
+        self._sync: CudaStreams | None = None  # the ring's stream operations, shared by its producers
         self._producer: RingProducer | None = None
         self._segment, self._pass, self._batch = 0, 0, 0
         self._cursor = {"group_start": self.rows.position(), "skip": 0}
@@ -134,6 +135,7 @@ class Harvester:
                 self._ring = torch.empty(shape, dtype=self.dtype, device=self.device)
             except torch.OutOfMemoryError as err:
                 raise HarvestError(f"cannot allocate the {self.describe()}: lower buffer_tokens") from err
+            self._sync = stream_sync(self._ring, self.buffer_cfg.overlap)
         return self._ring
 
     def __iter__(self):
@@ -142,8 +144,9 @@ class Harvester:
                              self.data_cfg.exclude_special_tokens, self.model_cfg.norm_outlier_factor, self.nonfinite)
         bar = tqdm(total=self.segment_tokens, desc=f"harvesting segment {self._segment}", unit="tok", leave=False,
                    disable=not self.progress)
+        ring = self._allocate()
         producer = self._producer = RingProducer(
-            self._allocate(), SegmentFiller(reader), self._segment, self._cursor, self.buffer_cfg.overlap, bar.update,
+            ring, self._sync, SegmentFiller(reader), self._segment, self._cursor, self.buffer_cfg.overlap, bar.update,
         )
         try:
             while True:
@@ -151,6 +154,7 @@ class Harvester:
                 bar.close()
                 half, perm_pass = self._ring[segment.half], None
                 while self._segment == segment.index:
+                    producer.check()  # a superseded iterator must not read the half a newer producer refills
                     if perm_pass != self._pass:  # each pass over the half in its own seeded order
                         perm_pass = self._pass
                         rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, segment.index, self._pass])

@@ -22,10 +22,11 @@ class SegmentFiller:
         self._group: Group | None = None
         self._used = 0
         self._skip = 0  # tokens to skip in the next group read, after a seek to a cursor
+        self._ahead: Group | None = None  # the next group, read before the wait for the half (see fill)
 
     def seek(self, cursor: dict) -> None:
         self.reader.seek(cursor["group_start"])
-        self._group, self._used, self._skip = None, 0, int(cursor["skip"])
+        self._group, self._used, self._skip, self._ahead = None, 0, int(cursor["skip"]), None
 
     def cursor(self) -> dict:
         """Where the next segment starts."""
@@ -34,14 +35,27 @@ class SegmentFiller:
         return {"group_start": dict(self.reader.position()), "skip": self._skip}
 
     def fill(self, out: torch.Tensor, should_stop: Callable[[], bool] = lambda: False,
-             progress: Callable[[int], None] = lambda n: None) -> bool:
-        """Write the next len(out) tokens into out [S, L, D]; False when should_stop() ended it early."""
+             progress: Callable[[int], None] = lambda n: None, claim: Callable[[], bool] = lambda: True) -> bool:
+        """Write the next len(out) tokens into out [S, L, D]; False when should_stop() ended it early.
+
+        claim() is called once, just before the first write into out; it may block until out may be
+        overwritten, and False stops the fill. When the tokens left of the current group do not fill out,
+        the next group's forward runs before claim(), so that only the copies wait for out, not the
+        language model (the group is kept until its turn: it is used within this fill)."""
         n, total = 0, len(out)
+        left = len(self._group.acts) - self._used if self._group is not None else 0
+        if left < total and self._ahead is None:
+            if should_stop():
+                return False
+            self._ahead = self.reader.next_group()
+        if not claim():
+            return False
         while n < total:
             if self._group is None or self._used == len(self._group.acts):
-                if should_stop():
+                if self._ahead is None and should_stop():
                     return False
-                self._group, self._used, self._skip = self.reader.next_group(), self._skip, 0
+                group = self._ahead if self._ahead is not None else self.reader.next_group()
+                self._group, self._used, self._skip, self._ahead = group, self._skip, 0, None
                 if self._used > len(self._group.acts):
                     raise HarvestError(
                         f"the saved data position skips {self._used} tokens of a forward group that has only "
