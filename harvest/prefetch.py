@@ -68,8 +68,8 @@ class Prefetcher(Generic[T]):
         """Stop the thread (it finishes the item it is computing, then exits) and wait for it."""
         self._stop.set()
         thread, self._thread = self._thread, None
-        if thread is None:
-            return
+        if thread is None or thread is threading.current_thread():
+            return  # a finaliser run by the garbage collector on the worker itself: the stop flag suffices
         while thread.is_alive():
             try:  # make room, so a producer blocked on put() sees the stop at its next poll
                 while True:
