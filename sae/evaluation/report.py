@@ -23,11 +23,11 @@ from harvest.lm import load_lm
 from harvest.text import TokenRows, load_texts
 from kernels import reference
 from sae import checkpoint as ckpt
-from sae.dark_matter import DarkMatterAccumulator, LinearResidualFit
 from sae.errors import ConfigError
-from sae.metrics import FiringAccumulator, ReconstructionAccumulator
+from sae.evaluation.dark_matter import DarkMatterAccumulator, LinearResidualFit
+from sae.evaluation.metrics import FiringAccumulator, ReconstructionAccumulator
+from sae.evaluation.splice import activation_mean, downstream_loss, pad_rows, sae_from_weights
 from sae.pretrained import load_pretrained
-from sae.splice import activation_mean, downstream_loss, pad_rows, sae_from_weights
 
 
 @dataclass
@@ -205,7 +205,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                 exclude_special_tokens=cfg.exclude_special_tokens,
             )._asdict()
         if cfg.browser_latents:
-            from sae.browser import write_browser
+            from sae.evaluation.browser import write_browser
 
             result["browser"] = write_browser(Path(cfg.out) / f"browser-{i}.html", lm, tokenizer, layer, w,
                                               token_rows, cfg.browser_latents, title=path).name
@@ -251,7 +251,7 @@ def write_report(report: dict[str, Any], out: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (folder / "report.md").write_text(markdown_table(report))
-    from sae.plots import write_plots
+    from sae.evaluation.plots import write_plots
 
     write_plots(report, folder)
     return folder

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from harvest.activations import keep_mask, layer_activations
 from kernels import reference
-from sae.splice import pad_rows
+from sae.evaluation.splice import pad_rows
 
 _BANDWIDTH = 1.0
 """encode wants a bandwidth; it only shapes the threshold's backward, which the browser never runs."""
