@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from harvest.activations import keep_mask, layer_activations
 from harvest.lm import decoder_layers
 from kernels.reference import Forward, sae_forward
-from sae.model import PARAM_NAMES
+from sae.checkpoint import PARAM_NAMES
 
 Reconstruct = Callable[[Tensor], Tensor]
 """An SAE as splice sees it: raw activations x [N, D] -> x_hat [N, D] (any SAE, any dtype)."""
