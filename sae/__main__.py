@@ -14,7 +14,7 @@ import sys
 
 from sae.config import ConfigError, TrainConfig
 from sae.config_cli import add_config_arguments, build_config, given_flags
-from sae.evaluate import EvalCommand
+from sae.evaluation.report import EvalCommand
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -147,8 +147,8 @@ def sweep(args: argparse.Namespace) -> int:
 
 
 def evaluate(args: argparse.Namespace) -> int:
-    from sae.evaluate import evaluate as run_eval
-    from sae.evaluate import markdown_table, write_report
+    from sae.evaluation.report import evaluate as run_eval
+    from sae.evaluation.report import markdown_table, write_report
 
     cfg = build_config(EvalCommand, given_flags(args, EvalCommand)).eval
     report = run_eval(cfg, args.saes, progress=not args.no_progress)

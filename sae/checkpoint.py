@@ -27,8 +27,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from sae.model import PARAM_NAMES
-
+PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
+"""The JumpReLU SAE's parameters, as named in sae_weights.safetensors, params.npz and training_state (`param.`
+prefix); defined here, with the format, so that code reading checkpoints need not import the model."""
 WEIGHTS_FILE = "sae_weights.safetensors"
 CFG_FILE = "cfg.json"
 STATE_TENSORS_FILE = "training_state.safetensors"

@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from kernels.reference import Forward
 from kernels.validate import check_compute_dtype, rounds_to
+from sae.checkpoint import PARAM_NAMES  # noqa: F401 -- re-exported: the model's parameters are the format's
 from sae.ops import sae_forward
 
-PARAM_NAMES = ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")
 THRESHOLD_FLOOR = 1e-6  # thresholds are clamped to at least this after each step: JumpReLU needs theta > 0
 
 

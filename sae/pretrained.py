@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from sae import checkpoint as ckpt
-from sae.model import PARAM_NAMES
+from sae.checkpoint import PARAM_NAMES
 
 
 def load_pretrained(path: str | Path) -> dict[str, Tensor]:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from sae.evaluate import _overlap
+from sae.evaluation.report import _overlap
 
 
 def info(dataset="icd10-cm", seed=0, epoch=0, index=300, fill=3, old=False):

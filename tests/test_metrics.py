@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kernels import reference as R
-from sae.dark_matter import DarkMatterAccumulator, LinearResidualFit, dark_matter
-from sae.metrics import FiringAccumulator, Moments, ReconstructionAccumulator
+from sae.evaluation.dark_matter import DarkMatterAccumulator, LinearResidualFit, dark_matter
+from sae.evaluation.metrics import FiringAccumulator, Moments, ReconstructionAccumulator
 
 
 def chunks(n: int, sizes=(1, 7, 64, 3)):

@@ -1,5 +1,5 @@
-"""Eval figures (sae.plots) and the static feature browser (sae.browser), on hand-made reports and the tiny
-random Gemma-2."""
+"""Eval figures (sae.evaluation.plots) and the static feature browser (sae.evaluation.browser), on hand-made
+reports and the tiny random Gemma-2."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from harvest.activations import keep_mask, layer_activations
 from harvest.text import TokenRows, load_texts
 from kernels import reference
 from sae.__main__ import main
-from sae.browser import (
+from sae.evaluation.browser import (
     quantile_samples,
     Context,
     LatentPage,
@@ -25,8 +25,8 @@ from sae.browser import (
     top_activations,
     write_browser,
 )
-from sae.plots import FIGURES, write_plots
-from sae.splice import pad_rows
+from sae.evaluation.plots import FIGURES, write_plots
+from sae.evaluation.splice import pad_rows
 
 LAYER = 2
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -15,8 +15,8 @@ from harvest import DataConfig, ModelConfig, load_lm
 from harvest.activations import keep_mask, layer_activations
 from harvest.text import TokenRows, load_texts
 from sae.checkpoint import load_sae_weights, sae_cfg
-from sae.metrics import FiringAccumulator
-from sae.splice import (
+from sae.evaluation.metrics import FiringAccumulator
+from sae.evaluation.splice import (
     activation_mean,
     downstream_loss,
     lm_logits,

@@ -40,13 +40,22 @@ from torch import Tensor, nn
 from harvest.activations import keep_mask, layer_activations
 from harvest.lm import decoder_layers
 from kernels.reference import Forward, sae_forward
-from sae.model import PARAM_NAMES
+from sae.checkpoint import PARAM_NAMES
 
 Reconstruct = Callable[[Tensor], Tensor]
 """An SAE as splice sees it: raw activations x [N, D] -> x_hat [N, D] (any SAE, any dtype)."""
 
-_FORWARD_BANDWIDTH = 1.0
-"""sae_forward wants a bandwidth; it only shapes the threshold's backward, which evaluation never runs."""
+FORWARD_BANDWIDTH = 1.0
+"""sae_forward and encode want a bandwidth; it only shapes the threshold's backward, which evaluation never runs."""
+
+
+def sae_params(weights: dict[str, Tensor], device: str | torch.device | None = None) -> list[Tensor]:
+    """The raw-space JumpReLU weights (`load_sae_weights`) as sae_forward's parameters, float32 on `device`:
+    [W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], threshold [F]] (PARAM_NAMES order)."""
+    missing = [name for name in PARAM_NAMES if name not in weights]
+    if missing:
+        raise ValueError(f"SAE weights lack {missing} (found {sorted(weights)}); load them with load_sae_weights")
+    return [weights[name].to(device=device, dtype=torch.float32) for name in PARAM_NAMES]
 
 
 def sae_from_weights(
@@ -59,14 +68,11 @@ def sae_from_weights(
     x_hat is returned in x's dtype and device. on_forward(x float32 [N, D], Forward) is called on every
     call, e.g. to feed the metrics accumulators from the splice run with no second SAE forward.
     """
-    missing = [name for name in PARAM_NAMES if name not in weights]
-    if missing:
-        raise ValueError(f"SAE weights lack {missing} (found {sorted(weights)}); load them with load_sae_weights")
-    params = [weights[name].to(device=device, dtype=torch.float32) for name in PARAM_NAMES]
+    params = sae_params(weights, device)
 
     def reconstruct(x: Tensor) -> Tensor:
         x32 = x.to(params[0].device, torch.float32)
-        out = sae_forward(x32, *params, bandwidth=_FORWARD_BANDWIDTH)
+        out = sae_forward(x32, *params, bandwidth=FORWARD_BANDWIDTH)
         if on_forward is not None:
             on_forward(x32, out)
         return out.x_hat.to(x.device, x.dtype)

@@ -1,4 +1,5 @@
-"""PNG figures of an eval report (`sae.evaluate.evaluate`): the trade-off curves and the density histograms.
+"""PNG figures of an eval report (`sae.evaluation.report.evaluate`): the trade-off curves and the density
+histograms.
 
 matplotlib is imported inside `write_plots` with the non-interactive Agg backend, so importing this module
 costs nothing and never needs a display.
@@ -46,7 +47,7 @@ def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
     saes = report.get("saes") if isinstance(report, dict) else None
     if not saes:
         raise ValueError("the report has no SAEs (report['saes'] is missing or empty): nothing to plot; "
-                         "pass the dict returned by sae.evaluate.evaluate with at least one SAE")
+                         "pass the dict returned by sae.evaluation.report.evaluate with at least one SAE")
     import matplotlib
 
     matplotlib.use("Agg")

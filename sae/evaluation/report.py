@@ -23,11 +23,18 @@ from harvest.lm import load_lm
 from harvest.text import TokenRows, load_texts
 from kernels import reference
 from sae import checkpoint as ckpt
-from sae.dark_matter import DarkMatterAccumulator, LinearResidualFit
 from sae.errors import ConfigError
-from sae.metrics import FiringAccumulator, ReconstructionAccumulator
+from sae.evaluation.dark_matter import DarkMatterAccumulator, LinearResidualFit
+from sae.evaluation.metrics import FiringAccumulator, ReconstructionAccumulator
+from sae.evaluation.splice import (
+    FORWARD_BANDWIDTH,
+    activation_mean,
+    downstream_loss,
+    pad_rows,
+    sae_from_weights,
+    sae_params,
+)
 from sae.pretrained import load_pretrained
-from sae.splice import activation_mean, downstream_loss, pad_rows, sae_from_weights
 
 
 @dataclass
@@ -169,16 +176,24 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
 
     results = {}
     for i, (path, (weights, _, info)) in enumerate(saes.items()):
-        w = {k: v.to(device) for k, v in weights.items()}
-        params = (w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"], 1e-3)
-        rec, fires = ReconstructionAccumulator(), FiringAccumulator(w["W_enc"].shape[1], device)
+        params = sae_params(weights, device)
+        dark = None
+        if cfg.dark_matter_fit_tokens:
+            fit = LinearResidualFit()
+            with torch.no_grad():
+                for chunk in x_fit.split(4096):
+                    fit.update(chunk, reference.sae_forward(chunk, *params, bandwidth=FORWARD_BANDWIDTH).x_hat)
+            dark = DarkMatterAccumulator(fit.solve())
+        rec, fires = ReconstructionAccumulator(), FiringAccumulator(weights["W_enc"].shape[1], device)
         errors = []
-        with torch.no_grad():
+        with torch.no_grad():  # one SAE forward per scored chunk feeds every accumulator
             for chunk in x.split(4096):
-                out = reference.sae_forward(chunk, *params)
+                out = reference.sae_forward(chunk, *params, bandwidth=FORWARD_BANDWIDTH)
                 rec.update(chunk, out.x_hat)
                 fires.update(out.indices, out.values)
                 errors.append((chunk - out.x_hat).pow(2).sum(-1).cpu())
+                if dark is not None:
+                    dark.update(chunk, out.x_hat)
         recon, sparsity = rec.result(), fires.result(cfg.dense_threshold)
         errors = torch.cat(errors).double()
         worst = errors.topk(max(1, len(errors) // 100)).values
@@ -190,23 +205,17 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                                   for k, v in sparsity.histogram()._asdict().items()},
             "heldout_overlaps_training": _overlap(info, dataset, cfg.data_seed, start),
         }
-        if cfg.dark_matter_fit_tokens:
-            fit = LinearResidualFit()
-            with torch.no_grad():
-                for chunk in x_fit.split(4096):
-                    fit.update(chunk, reference.sae_forward(chunk, *params).x_hat)
-                acc = DarkMatterAccumulator(fit.solve())
-                for chunk in x.split(4096):
-                    acc.update(chunk, reference.sae_forward(chunk, *params).x_hat)
-            result["dark_matter"] = acc.result()._asdict()
+        if dark is not None:
+            result["dark_matter"] = dark.result()._asdict()
         if splice_batches:
             result["downstream"] = downstream_loss(
                 lm, tokenizer, layer, splice_batches, sae_from_weights(weights, device), mean=mean,
                 exclude_special_tokens=cfg.exclude_special_tokens,
             )._asdict()
         if cfg.browser_latents:
-            from sae.browser import write_browser
+            from sae.evaluation.browser import write_browser
 
+            w = {k: v.to(device) for k, v in weights.items()}
             result["browser"] = write_browser(Path(cfg.out) / f"browser-{i}.html", lm, tokenizer, layer, w,
                                               token_rows, cfg.browser_latents, title=path).name
         results[path] = result
@@ -251,7 +260,7 @@ def write_report(report: dict[str, Any], out: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (folder / "report.md").write_text(markdown_table(report))
-    from sae.plots import write_plots
+    from sae.evaluation.plots import write_plots
 
     write_plots(report, folder)
     return folder

@@ -22,10 +22,7 @@ from torch import Tensor, nn
 
 from harvest.activations import keep_mask, layer_activations
 from kernels import reference
-from sae.splice import pad_rows
-
-_BANDWIDTH = 1.0
-"""encode wants a bandwidth; it only shapes the threshold's backward, which the browser never runs."""
+from sae.evaluation.splice import FORWARD_BANDWIDTH, pad_rows
 
 
 class TopActivations(NamedTuple):
@@ -60,7 +57,7 @@ def _encode(x: Tensor, weights: dict[str, Tensor], latents: Tensor | None = None
     W_enc, b_enc, threshold = weights["W_enc"], weights["b_enc"], weights["threshold"]
     if latents is not None:
         W_enc, b_enc, threshold = W_enc[:, latents], b_enc[latents], threshold[latents]
-    return reference.encode(x, W_enc, b_enc, weights["b_dec"], threshold, _BANDWIDTH).acts
+    return reference.encode(x, W_enc, b_enc, weights["b_dec"], threshold, FORWARD_BANDWIDTH).acts
 
 
 def _batches(lm: nn.Module, tokenizer, layer: int, rows: list[list[int]], row_ids: list[int], weights, batch_rows: int,

@@ -42,7 +42,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from sae.metrics import Moments, ReconstructionAccumulator, check_pair
+from sae.evaluation.metrics import Moments, ReconstructionAccumulator, check_pair
 
 
 class LinearResidual(NamedTuple):
