@@ -13,13 +13,17 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 import torch
 
-from bench.registry import INTERPRETER_SHAPE, Case, Shape
+from bench.registry import INTERPRETER_SHAPE, BenchDtype, Case, Shape
 from bench.roofline import Roofline
 from bench.timing import Timer
+
+
+KernelMode = Literal["compiled", "interpreted", "unavailable"]
+"""How the Triton cases run: compiled on CUDA, in Triton's CPU interpreter (checked, not timed), or not at all."""
 
 
 class Workload(NamedTuple):
@@ -29,7 +33,7 @@ class Workload(NamedTuple):
     flops: float
     nbytes: float
     tokens: int  # tokens processed per call
-    dtype: str = "fp32"  # which matrix-rate ceiling applies: "fp32", "bf16" or "fp16" (bf16's rate)
+    dtype: BenchDtype = "fp32"  # which matrix-rate ceiling applies: "fp32", "bf16" or "fp16" (bf16's rate)
     note: str = ""
     min_warmup: int = 1  # torch.compile recompiles on its second call: use 2 or more there
     extra: dict[str, Any] | None = None  # figures for the JSON (mean L0, reruns, ...)
@@ -43,12 +47,16 @@ class Env:
 
     device: torch.device
     quick: bool
-    kernels: str  # "compiled", "interpreted" or "unavailable"
+    kernels: KernelMode
     kernels_reason: str
     timer: Timer
     roofline: Roofline | None = None
     deadline: float | None = None  # time.time() after which no case starts
     cache: dict[Any, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kernels not in get_args(KernelMode):
+            raise ValueError(f"kernels={self.kernels!r} is not one of {get_args(KernelMode)}")
 
     def check_shape(self, shape: Shape, triton: bool) -> Shape:
         """Kernels in the interpreter are checked at INTERPRETER_SHAPE, everything else at its own shape."""
