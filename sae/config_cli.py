@@ -1,7 +1,8 @@
 """Turn the config dataclasses into a flat command line, with each field's docstring as its help.
 
 `--d-sae 16384` sets `TrainConfig.sae.d_sae`. Flags not given on the command line keep the defaults (or,
-on --resume, the checkpoint's values), so `given_flags` reports exactly what the user typed.
+on --resume, the checkpoint's values), so `given_flags` reports exactly what the user typed. A field without
+a default is a required flag; a mode field, annotated `Literal[...]`, takes only its values (argparse choices).
 """
 
 from __future__ import annotations
