@@ -25,16 +25,18 @@ from pathlib import Path
 import torch
 
 from bench import report
-from bench.registry import UnknownCase, all_cases, select
+from bench.catalog import all_cases, select
+from bench.env import Env, KernelMode
+from bench.registry import UnknownCase
 from bench.roofline import measure
-from bench.runner import Env, add_speedups, run_case
+from bench.runner import add_speedups, run_case
 from bench.timing import Timer
 
 _KERNEL_MODULES = ("kernels.jumprelu_encode", "kernels.sparse_decode", "kernels.latent_grads",
                    "kernels.threshold_grad", "kernels.sae_pipeline", "kernels.sae_step", "kernels.sparse_grads")
 
 
-def kernel_mode(device: torch.device) -> tuple[str, str]:
+def kernel_mode(device: torch.device) -> tuple[KernelMode, str]:
     """How the Triton cases run: ("compiled" | "interpreted" | "unavailable", why unavailable).
 
     On a CPU device the interpreter is switched on here unless a kernel module is already imported (it is

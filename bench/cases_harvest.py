@@ -30,8 +30,9 @@ from torch import Tensor, nn
 from bench import counts
 from bench import harvest_api as api
 from bench.checks import Check, Comparison
+from bench.env import Env, Workload
 from bench.registry import Case
-from bench.runner import Env, Workload
+from bench.shapes import BenchDtype
 
 ROWS = 16  # rows per LM forward (BufferConfig.forward_batch_rows)
 
@@ -47,7 +48,7 @@ class LMSetup(NamedTuple):
     batch: int
     d_sae: int
     target_l0: int
-    dtype: str  # "fp32" or "bf16"
+    dtype: BenchDtype  # "fp32" or "bf16"
     elt: int
 
 

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from bench import counts
 from bench.checks import Check, Comparison
-from bench.registry import SAE_SIZES, Case, profiles_for
-from bench.runner import Env, Workload
-from bench.synthetic import SAEData, capacity_after
+from bench.env import Env, Workload
+from bench.registry import Case, profiles_for
+from bench.shapes import SAE_SIZES
+from bench.synthetic import SAEData, all_pre_activations, capacity_after
 from kernels import reference as R
 
 IMPLS = ("triton", "reference", "compile")
@@ -42,16 +43,10 @@ def _shape_text(data: SAEData, rows: int) -> str:
     return f"B={rows} D={data.shape.D} F={data.shape.F}"
 
 
-def pre_activations64(x: Tensor, data: SAEData) -> Tensor:
-    """z = (x - b_dec) W_enc + b_enc in float64 [R, F], in latent chunks (all of W_enc in float64: 19 GB at
-    F = 2^20)."""
-    F = data.shape.F
-    z = torch.empty(x.shape[0], F, dtype=torch.float64, device=x.device)
-    xc = x.double() - data.b_dec.double()
-    for c0 in range(0, F, _COLUMNS):
-        c1 = min(F, c0 + _COLUMNS)
-        z[:, c0:c1] = xc @ data.W_enc[:, c0:c1].double() + data.b_enc[c0:c1].double()
-    return z
+def pre_activations(x: Tensor, data: SAEData, dtype: torch.dtype) -> Tensor:
+    """z = (x - b_dec) W_enc + b_enc [R, F] of the data's SAE in `dtype`, by the reference
+    (`bench.synthetic.all_pre_activations`)."""
+    return all_pre_activations(x, data.b_dec, data.W_enc, data.b_enc, dtype)
 
 
 def _rows(shape_B: int, D: int, device: torch.device, seed: int) -> tuple[Tensor, Tensor]:
@@ -114,7 +109,7 @@ def _check_encode(size: str, impl: str) -> Callable[[Env], Check]:
     def check(env: Env) -> Check:
         data, R_ = _inputs(env, size, impl, check=True)
         x, p, eps, F = data.x[:R_].contiguous(), data.params(), data.shape.eps, data.shape.F
-        z64 = pre_activations64(x, data)
+        z64 = pre_activations(x, data, torch.float64)
         theta64 = data.threshold.double()
         acts64, l064 = R.jumprelu(z64, theta64, eps), R.step(z64, theta64, eps).sum(-1).long()
         u = (z64 - theta64) / eps
@@ -188,8 +183,7 @@ def _threshold_fn(impl: str) -> Callable[..., Callable[[], Tensor]]:
     grad = torch.compile(dense_threshold_grad) if impl == "compile" else dense_threshold_grad
 
     def build_dense(x, data, g, g_l0):
-        with torch.no_grad():
-            z = (x - data.b_dec) @ data.W_enc + data.b_enc  # saved by the dense forward
+        z = pre_activations(x, data, torch.float32)  # saved by the dense forward
         return lambda: grad(z, g, g_l0, data.W_dec, data.threshold, data.shape.eps)
 
     return build_dense
@@ -201,13 +195,12 @@ def _check_threshold(size: str, impl: str) -> Callable[[Env], Check]:
         x, eps = data.x[:R_].contiguous(), data.shape.eps
         g, g_l0 = _rows(data.shape.B, data.shape.D, env.device, seed=1)
         g, g_l0 = g[:R_].contiguous(), g_l0[:R_].contiguous()
-        z64 = pre_activations64(x, data)
+        z64 = pre_activations(x, data, torch.float64)
         grad_f64 = torch.cat([g.double() @ data.W_dec[c0:c0 + _COLUMNS].double().t()
                               for c0 in range(0, data.shape.F, _COLUMNS)], dim=1)
         ref64 = oracle_threshold_grad(z64, grad_f64, g_l0.double(), data.threshold.double(), eps)
         del grad_f64
-        with torch.no_grad():
-            z32 = (x - data.b_dec) @ data.W_enc + data.b_enc
+        z32 = pre_activations(x, data, torch.float32)
         ref32 = oracle_threshold_grad(z32, g @ data.W_dec.t(), g_l0, data.threshold, eps)
         got = _threshold_fn(impl)(x, data, g, g_l0)()
         cmp = Comparison(_shape_text(data, R_))

@@ -61,8 +61,9 @@ from torch import Tensor
 
 from bench import counts
 from bench.checks import U32, UNIT, Check, Comparison, scaled_err, step_magnitudes
-from bench.registry import SAE_SIZES, Case, profiles_for
-from bench.runner import Env, Workload
+from bench.env import Env, Workload
+from bench.registry import Case, profiles_for
+from bench.shapes import SAE_SIZES
 from bench.synthetic import capacity_after, wide_window
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import Objective, sae_loss

@@ -36,7 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from kernels import reference as R
+from bench.synthetic import all_pre_activations
 
 FLOOR = 2.0**-18
 """64 float32 unit roundoffs (64 * 2^-24)."""
@@ -186,8 +186,7 @@ def step_magnitudes(x: Tensor, params: dict[str, Tensor], eps: float, target: fl
     a = {k: v.abs() for k, v in p.items()}
     x = x.detach().double()
     rows, theta = x.shape[0], p["threshold"]
-    z = R.operand(R.operand(x, compute_dtype) - p["b_dec"], compute_dtype) @ R.operand(p["W_enc"], compute_dtype)
-    z += p["b_enc"]
+    z = all_pre_activations(x, p["b_dec"], p["W_enc"], p["b_enc"], torch.float64, compute_dtype)
     H = z > theta
     window = ((z - theta) / eps).abs_() < 0.5
     del z

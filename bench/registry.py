@@ -1,9 +1,9 @@
-"""The registry of benchmark cases, named `<op>/<size>/<impl>` and selected by glob patterns.
+"""Benchmark cases: their type, named `<op>/<size>/<impl>`, the SAE sizes, and their selection by glob patterns.
 
 A case is one implementation of one op at one size. Its `check` compares the implementation with the
 PyTorch reference (bench/checks.py); its `prepare` builds what is timed. The runner (bench/runner.py) refuses
-to time a case whose check fails. The case families live in bench/cases_*.py; tests and experiments add
-their own through `register`.
+to time a case whose check fails. The case families live in bench/cases_*.py, below this module; the list
+of them is bench/catalog.py, above them (tests and experiments add their own cases there, by `register`).
 """
 
 from __future__ import annotations
@@ -11,46 +11,22 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+from bench.shapes import HARVEST_SIZES, SAE_SIZES, BenchDtype
 
 if TYPE_CHECKING:
     from bench.checks import Check
-    from bench.runner import Env
+    from bench.env import Env
 
 OP_ORDER = ("harvest", "step", "encode", "threshold-grad", "decode")
 IMPL_ORDER = ("triton", "reference", "compile", "triton-bf16", "reference-bf16", "compile-bf16", "bare", "harvester",
               "harvester+train")
-PROFILES = ("cuda", "cpu", "quick")
-
-
-class Shape(NamedTuple):
-    """An SAE workload: B tokens, D d_in, F d_sae, K target L0 per row, eps the STE bandwidth."""
-
-    B: int
-    D: int
-    F: int
-    K: int
-    eps: float
-
-    def describe(self) -> str:
-        return f"B={self.B} D={self.D} F={self.F}"
-
-
-# Named SAE sizes. Gemma-2-2B's residual width at the widths Gemma Scope released; "offline" is the CPU
-# default run (harvest/config.py, sae/config.py: d_in 640, expansion 4, batch 1024, target L0 32); "tiny" is
-# for tests and explicit selection only.
-SAE_SIZES: dict[str, Shape] = {
-    "tiny": Shape(256, 64, 512, 8, 0.02),
-    "offline": Shape(1024, 640, 2560, 32, 0.001),
-    "16k": Shape(4096, 2304, 16384, 64, 0.001),
-    "65k": Shape(4096, 2304, 65536, 64, 0.001),
-    "262k": Shape(4096, 2304, 262144, 64, 0.001),
-    "1m": Shape(4096, 2304, 1048576, 64, 0.001),
-}
-# Kernels in Triton's CPU interpreter cost ~70 us per operation per program: they are checked at this shape
-# (odd sizes, a wide window so the threshold path sees pairs), whatever the case's size.
-INTERPRETER_SHAPE = Shape(48, 40, 300, 6, 0.05)
-HARVEST_SIZES = ("tiny", "offline", "gemma2-2b")
+Profile = Literal["cuda", "cpu", "quick"]
+PROFILES: tuple[str, ...] = get_args(Profile)
+Needs = Literal["triton", "compile", "torch"]
+"""What a case runs on: Triton kernels (compiled on CUDA, interpreted and untimed on the CPU), torch.compile, or
+plain PyTorch."""
 _DEFAULT_PROFILES = {"offline": ("cuda", "cpu", "quick"), "16k": ("cuda",), "65k": ("cuda",), "262k": ("cuda",),
                      "1m": ("cuda",)}
 
@@ -75,14 +51,22 @@ class Case:
     """Run the implementation and the reference on check inputs; never raises for a mismatch."""
     prepare: Callable[[Env], Any]
     """Build the timed workload (a bench.runner.Workload) at the case's full size."""
-    profiles: frozenset[str] = field(default_factory=frozenset)
+    profiles: frozenset[Profile] = field(default_factory=frozenset)
     """Default selections that include the case: "cuda", "cpu" (full profiles), "quick"."""
-    needs: str = "torch"
+    needs: Needs = "torch"
     """"triton" (kernels: compiled on CUDA, interpreted and untimed on the CPU), "compile", or "torch"."""
     baselines: tuple[str, str | None] = ("reference", "compile")
     """Impls of the same op and size that speed-ups are computed against."""
-    dtype: str = "fp32"
+    dtype: BenchDtype = "fp32"
     """The products' operand dtype: "fp32", "bf16" (needs a GPU for Triton kernels) or "fp16"."""
+
+    def __post_init__(self) -> None:
+        if self.needs not in get_args(Needs):
+            raise ValueError(f"case {self.name}: needs={self.needs!r} is not one of {get_args(Needs)}")
+        if self.dtype not in get_args(BenchDtype):
+            raise ValueError(f"case {self.name}: dtype={self.dtype!r} is not one of {get_args(BenchDtype)}")
+        if not self.profiles <= set(PROFILES):
+            raise ValueError(f"case {self.name}: profiles {sorted(self.profiles)} are not all among {PROFILES}")
 
     @property
     def name(self) -> str:
@@ -104,34 +88,13 @@ class UnknownCase(ValueError):
     """A --case pattern matched nothing."""
 
 
-_EXTRA: dict[str, Case] = {}
-
-
-def register(case: Case) -> Case:
-    """Add a case (tests inject deliberately wrong implementations this way); replaces one of the same name."""
-    _EXTRA[case.name] = case
-    return case
-
-
-def unregister(name: str) -> None:
-    _EXTRA.pop(name, None)
-
-
-def all_cases() -> list[Case]:
-    """Every registered case, ordered by size, op, impl (the order the runner goes through them)."""
-    from bench import cases_harvest, cases_kernels, cases_step
-
-    found = {c.name: c for module in (cases_step, cases_kernels, cases_harvest) for c in module.cases()}
-    found.update(_EXTRA)
-    return sorted(found.values(), key=Case.order)
-
-
-def select(patterns: list[str] | None, profile: str) -> list[Case]:
-    """Cases matching any glob pattern (all of them, in registry order), or the profile's default selection.
+def select(cases: list[Case], patterns: list[str] | None, profile: str) -> list[Case]:
+    """Those of `cases` matching any glob pattern, or without patterns the profile's default selection; in the
+    order of `Case.order`.
 
     Raises UnknownCase, listing the valid names, when a pattern matches nothing.
     """
-    cases = all_cases()
+    cases = sorted(cases, key=Case.order)
     if not patterns:
         return [c for c in cases if profile in c.profiles]
     chosen = []

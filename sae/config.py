@@ -13,12 +13,14 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from harvest.config import BufferConfig, DataConfig, ModelConfig
+from harvest.config import BufferConfig, DataConfig, DtypeName, ModelConfig
 from sae.config_cli import from_sections
 from sae.errors import ConfigError
-from sae.ops import BACKENDS, COMPUTE_DTYPES
+from sae.objectives import SPARSITY_KINDS, SparsityKind
+from sae.ops import BACKENDS, COMPUTE_DTYPES, Backend
 
-SPARSITY_OBJECTIVES = ("l0", "target_l0")
+BDecInit = Literal["zeros", "mean"]
+ComputeDtype = Literal["auto", DtypeName]
 NonFiniteAction = Literal["stop", "skip"]
 
 
@@ -38,16 +40,16 @@ class SAEConfig:
     """If set, each latent's threshold starts at the quantile of its pre-activations on the first batches
     at which it fires on init_l0/d_sae of tokens, so training starts at L0 ~ init_l0 instead of ~d_sae/2
     (RECIPES section 7: from theta = 0.001 a short run cannot reach a small L0)."""
-    b_dec_init: str = "mean"
+    b_dec_init: BDecInit = "mean"
     """Decoder bias init: "zeros" (RECIPES) or "mean" of the first batches (halved delta CE in RECIPES 7)."""
     init_from: str | None = None
     """Fine-tune an existing SAE instead of starting from scratch: a checkpoint or SAELens-style folder, a run
     folder (its latest checkpoint), or a Gemma Scope params.npz. Its width replaces --d-sae, and
     --b-dec-init / --init-l0 / --threshold-init are not used."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """SAE forward/backward: "triton" (fused sparse kernels, CUDA), "reference" (dense PyTorch), or "auto"
     (triton on CUDA, reference elsewhere)."""
-    compute_dtype: str = "auto"
+    compute_dtype: ComputeDtype = "auto"
     """Operand dtype of the SAE's matrix products: "bfloat16" (tensor cores; accumulation, parameters,
     thresholds, gradients and Adam state stay float32), "float32", "float16", or "auto" (bfloat16 on CUDA,
     float32 elsewhere)."""
@@ -63,12 +65,12 @@ class SAEConfig:
             raise ConfigError(f"--threshold-init must be > 0 (JumpReLU needs theta > 0); got {self.threshold_init}")
         if self.init_l0 is not None and not self.init_l0 > 0:
             raise ConfigError(f"--init-l0 must be > 0 (or omitted); got {self.init_l0}")
-        if self.compute_dtype != "auto" and self.compute_dtype not in COMPUTE_DTYPES:
+        if self.compute_dtype not in get_args(ComputeDtype):
             raise ConfigError(
                 f"--compute-dtype must be auto or one of {tuple(COMPUTE_DTYPES)}; got {self.compute_dtype!r}"
             )
-        if self.b_dec_init not in ("zeros", "mean"):
-            raise ConfigError(f"--b-dec-init must be 'zeros' or 'mean'; got {self.b_dec_init!r}")
+        if self.b_dec_init not in get_args(BDecInit):
+            raise ConfigError(f"--b-dec-init must be one of {get_args(BDecInit)}; got {self.b_dec_init!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {BACKENDS}; got {self.backend!r}")
 
@@ -81,7 +83,7 @@ class SAEConfig:
 class ObjectiveConfig:
     """The loss: reconstruction (mean or tilted) plus sparsity."""
 
-    sparsity: str = "target_l0"
+    sparsity: SparsityKind = "target_l0"
     """Sparsity term: "l0" = lambda * mean L0 (Gemma Scope), "target_l0" = lambda * (L0/target - 1)^2 (Salmon)."""
     l0_coefficient: float = 1.0
     """lambda, the sparsity coefficient (Salmon: 1 with target_l0; Gemma Scope sweeps it with l0)."""
@@ -94,8 +96,8 @@ class ObjectiveConfig:
     larger t up-weights badly reconstructed tokens (Specialized SAEs used 500 and 1e9)."""
 
     def __post_init__(self) -> None:
-        if self.sparsity not in SPARSITY_OBJECTIVES:
-            raise ConfigError(f"--sparsity must be one of {SPARSITY_OBJECTIVES}; got {self.sparsity!r}")
+        if self.sparsity not in SPARSITY_KINDS:
+            raise ConfigError(f"--sparsity must be one of {SPARSITY_KINDS}; got {self.sparsity!r}")
         if self.l0_coefficient < 0:
             raise ConfigError(f"--l0-coefficient must be >= 0; got {self.l0_coefficient}")
         if not self.target_l0 > 0:

@@ -6,20 +6,22 @@ including under `compute_dtype` (mixed precision: 16-bit products, fp32 accumula
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import Tensor
 
+from harvest.config import DtypeName
 from harvest.lm import resolve_device
 from kernels import reference
 from kernels.reference import Forward
 from sae.errors import ConfigError
 
-BACKENDS = ("auto", "reference", "triton")
+Backend = Literal["auto", "reference", "triton"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 # Names of the products' operand dtypes (`SAEConfig.compute_dtype`). bfloat16 is the H100 choice; float16 is
 # what Triton's CPU interpreter can run, so the tests use it to exercise the same 16-bit code paths.
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(DtypeName)}
 
 
 def resolve_compute_dtype(name: str | torch.dtype, backend: str) -> torch.dtype:

@@ -7,19 +7,24 @@ Each `main` call measures the roofline first (~1 s on one core); --repeat-s keep
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import sae.sparse_step
-from bench import counts, registry
+from bench import catalog, counts
 from bench.__main__ import kernel_mode, main
 from bench.cases_kernels import decode_case
 from bench.cases_step import step_case
 from bench.checks import Comparison
+from bench.env import Env
+from bench.registry import OP_ORDER
 from bench.roofline import Roofline
-from bench.runner import Env
 from bench.timing import Timer
 from kernels import reference as R
 
@@ -78,6 +83,18 @@ def test_list_and_unknown_case(capsys):
     assert "'step/2m/*' matches no case" in err and "step/16k/triton" in err and "decode/offline/reference" in err
 
 
+def test_the_registry_imports_no_case_family_and_refuses_unknown_modes():
+    """The case families import bench.registry, never the other way (bench/catalog.py assembles them)."""
+    code = ("import sys, bench.registry; "
+            "assert not [m for m in sys.modules if m.startswith('bench.cases_')], sorted(sys.modules)")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+    assert {c.op for c in catalog.all_cases()} == set(OP_ORDER)
+    case = catalog.all_cases()[0]
+    for field, value in (("needs", "jax"), ("dtype", "float32"), ("profiles", frozenset({"tpu"}))):
+        with pytest.raises(ValueError, match=f"case {case.name}: {field}"):
+            dataclasses.replace(case, **{field: value})
+
+
 def _without_bias(indices, values, W_dec, b_dec):
     """A plausible kernel bug: the decoder bias is left out (so are its gradients)."""
     return torch.einsum("bk,bkd->bd", values, W_dec[indices]) + 0 * b_dec
@@ -85,9 +102,9 @@ def _without_bias(indices, values, W_dec, b_dec):
 
 @pytest.fixture
 def broken_case():
-    case = registry.register(decode_case("tiny", "broken", lambda: _without_bias))
+    case = catalog.register(decode_case("tiny", "broken", lambda: _without_bias))
     yield case
-    registry.unregister(case.name)
+    catalog.unregister(case.name)
 
 
 def test_wrong_kernel_is_a_mismatch_and_is_not_timed(tmp_path, broken_case, capsys):
@@ -126,7 +143,7 @@ STEP_SIZES = ("offline", "16k", "65k", "262k", "1m")
 def test_bf16_step_cases_are_in_the_cuda_profile_only():
     """triton-bf16 and reference-bf16 at every size where the fp32 step runs on CUDA, compile-bf16 where the fp32
     compile does; none in the CPU or --quick selections; speed-ups against the bf16 baselines."""
-    cuda = {c.name: c for c in registry.select(None, "cuda")}
+    cuda = {c.name: c for c in catalog.select(None, "cuda")}
     for size in STEP_SIZES:
         for kind in ("triton", "reference", "compile"):
             assert (f"step/{size}/{kind}-bf16" in cuda) == (f"step/{size}/{kind}" in cuda), (size, kind)
@@ -136,7 +153,7 @@ def test_bf16_step_cases_are_in_the_cuda_profile_only():
         assert cuda[f"step/{size}/reference"].baselines == ("reference", "compile")
     assert "step/65k/compile-bf16" in cuda and "step/262k/compile-bf16" not in cuda
     for profile in ("cpu", "quick"):
-        assert not [c.name for c in registry.select(None, profile) if c.dtype != "fp32"]
+        assert not [c.name for c in catalog.select(None, profile) if c.dtype != "fp32"]
 
 
 def test_16bit_operands_count_two_bytes_and_take_the_bf16_rate():
@@ -153,9 +170,9 @@ def test_16bit_operands_count_two_bytes_and_take_the_bf16_rate():
 @pytest.fixture
 def fp16_step():
     """The triton-bf16 code path in float16 (Triton's interpreter cannot read bf16) at the tiny size."""
-    case = registry.register(step_case("tiny", "triton", torch.float16))
+    case = catalog.register(step_case("tiny", "triton", torch.float16))
     yield case
-    registry.unregister(case.name)
+    catalog.unregister(case.name)
 
 
 def test_16bit_step_is_checked_in_fp16_and_bf16_is_reported_not_run(tmp_path, fp16_step):

