@@ -1,11 +1,11 @@
 """The whole SAE training step: forward, loss, backward, decoder-gradient projection, clipping, Adam(0, 0.999),
-renormalisation and threshold clamp, as `Trainer.train_step` runs it.
+renormalisation and threshold clamp, as the trainer's steps (sae/dense_step.py, sae/sparse_step.py) run it.
 
 Implementations (the performance targets are stated for bf16: the `-bf16` cases measure them):
 
     triton          `sae.sparse_step.sparse_train_step` with `LazyAdam`, the trainer's path on CUDA, with the encode
                     capacity adapted after each step as the trainer does
-    reference       the dense branch of `Trainer.train_step`, line for line (`dense_step` below)
+    reference       the trainer's dense step, `sae.dense_step.dense_update` (`dense_step` below)
     compile         torch.compile of it (its data-dependent top-k width becomes a dynamic size after the second
                     value, as torch.compile does by default)
     triton-bf16     the same sparse step with the model's compute_dtype = torch.bfloat16: x, W_enc and W_dec enter
@@ -65,7 +65,8 @@ from bench.env import Env, Workload
 from bench.registry import Case, profiles_for
 from bench.shapes import SAE_SIZES
 from bench.synthetic import capacity_after, wide_window
-from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
+from sae.model import PARAM_NAMES, JumpReLUSAE
+from sae.dense_step import apply_update, dense_update
 from sae.objectives import Objective, sae_loss
 from sae.sparse_step import LATENT_DIMS
 
@@ -81,40 +82,22 @@ _CHUNK = 2**16
 
 def dense_step(model: JumpReLUSAE, optimizer: torch.optim.Optimizer, x: Tensor, target_l0: float,
                step: Callable | None = None, autocast: torch.dtype | None = None) -> list[float]:
-    """`Trainer.train_step`'s dense branch, line for line (constant lr and coefficient); `step`: a compiled
-    `dense_step_tensors`. The statistics are read back (`.item()`) outside the compiled region: a float on
-    the stack after a graph break would make torch.compile recompile on every step."""
+    """The trainer's dense step (`sae.dense_step.dense_update`) at a constant lr and coefficient; `step`: a
+    compiled `dense_step_tensors`. The statistics are read back (`.item()`) outside the compiled region: a float
+    on the stack after a graph break would make torch.compile recompile on every step."""
     return [t.item() for t in (step or dense_step_tensors)(model, optimizer, x, target_l0, autocast)]
 
 
 def dense_step_tensors(model: JumpReLUSAE, optimizer: torch.optim.Optimizer, x: Tensor, target_l0: float,
                        autocast: torch.dtype | None = None) -> list[Tensor]:
-    """The step itself; returns the statistics as 0-dim tensors (STATS order). autocast: run the forward and the
-    loss under torch.autocast(x's device type, dtype=autocast), the usual mixed-precision recipe (backward and
-    optimizer outside it)."""
-    for group in optimizer.param_groups:
-        group["lr"] = LR
-    amp = contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, dtype=autocast)
-    with amp:
-        out = model(x)
-        loss = sae_loss(x, out.x_hat, out.l0, "target_l0", COEFFICIENT, target_l0)
-    optimizer.zero_grad(set_to_none=True)
-    loss.total.backward()
-    model.project_decoder_grad()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
-    apply_update(model, optimizer)
-    with torch.no_grad():
-        ev = 1.0 - (x - out.x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
-    return [loss.total.detach(), loss.reconstruction.detach(), loss.sparsity.detach(), out.l0.detach().mean(), ev,
-            grad_norm]
-
-
-def apply_update(model: JumpReLUSAE, optimizer: torch.optim.Optimizer) -> None:
-    """The end of the dense step, from the clipped gradients in `.grad`: Adam, renormalisation, threshold clamp."""
-    optimizer.step()
-    with torch.no_grad():
-        model.normalize_decoder()
-        model.threshold.clamp_(min=THRESHOLD_FLOOR)
+    """`dense_update` without its non-finite guard (a host synchronisation; the check verifies finiteness
+    itself); returns the statistics as 0-dim tensors (STATS order). autocast: the forward and the loss under
+    torch.autocast(x's device type, dtype=autocast), the usual mixed-precision recipe."""
+    objective = Objective("target_l0", COEFFICIENT, target_l0)
+    u = dense_update(model, optimizer, x, LR, objective, MAX_NORM, autocast=autocast, guard=None)
+    loss = u.loss
+    return [loss.total.detach(), loss.reconstruction.detach(), loss.sparsity.detach(), u.forward.l0.detach().mean(),
+            u.explained_variance, u.grad_norm]
 
 
 def _model(params: dict[str, Tensor], eps: float, backend: str, latents: Tensor | None = None,
@@ -169,7 +152,7 @@ class _Stepper:
 
         objective = Objective("target_l0", COEFFICIENT, self.target)
         step = sparse_train_step(self.model, self.optimizer, self.x, LR, objective, MAX_NORM, capacity=self.capacity)
-        self.capacity = capacity_after(step.max_l0, self.model.d_sae)  # as Trainer.train_step does
+        self.capacity = capacity_after(step.max_l0, self.model.d_sae)  # as sae.sparse_step.SparseStep does
         return list(step.stats)
 
 

@@ -7,14 +7,73 @@ step (sae/sparse_step.py) computes the same update touching only the latents wit
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
+from kernels.reference import Forward
 from sae.config import OptimConfig
 from sae.health import check_step_values
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
-from sae.objectives import Objective, per_token_error
+from sae.objectives import Loss, Objective, per_token_error
 from sae.steps import DENSE_PREFIX, StepResult, explained_variance, saved_optimizer_state
+
+
+class DenseUpdate(NamedTuple):
+    """What `dense_update` computed, as tensors (no host synchronisation)."""
+
+    loss: Loss
+    forward: Forward  # x_hat, per-row l0, active indices and values
+    explained_variance: Tensor  # []
+    grad_norm: Tensor  # [] before clipping
+
+
+def dense_update(
+    model: JumpReLUSAE,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    lr: float,
+    objective: Objective,
+    max_grad_norm: float,
+    *,
+    autocast: torch.dtype | None = None,
+    guard: Callable[[Mapping[str, Tensor]], None] | None = check_step_values,
+) -> DenseUpdate:
+    """The dense step's mathematics, written once (the trainer's `DenseStep`, the bench and the tests run it).
+
+    autocast: run the forward and the loss under torch.autocast(x's device type, dtype=autocast), the usual
+    mixed-precision recipe (backward and optimizer outside it). guard: called with the loss and the gradient
+    norm before any parameter moves (default: raise `NonFiniteStep` when one is not finite; None: no check and
+    no host synchronisation, e.g. inside torch.compile).
+    """
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    amp = contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, dtype=autocast)
+    with amp:
+        out = model(x)
+        loss = objective(per_token_error(x, out.x_hat), out.l0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.total.backward()
+    model.project_decoder_grad()
+    max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if guard is not None:
+        guard({"loss": loss.total, "gradient norm": grad_norm})
+    apply_update(model, optimizer)
+    with torch.no_grad():
+        ev = explained_variance(x, out.x_hat)
+    return DenseUpdate(loss, out, ev, grad_norm)
+
+
+def apply_update(model: JumpReLUSAE, optimizer: torch.optim.Optimizer) -> None:
+    """The end of the dense step, from the clipped gradients in `.grad`: Adam, renormalisation, threshold floor."""
+    optimizer.step()
+    with torch.no_grad():
+        model.normalize_decoder()
+        model.threshold.clamp_(min=THRESHOLD_FLOOR)
 
 
 class DenseStep:
@@ -32,25 +91,11 @@ class DenseStep:
         )  # fmt: skip
 
     def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
-        model = self.model
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        out = model(x)
-        loss = objective(per_token_error(x, out.x_hat), out.l0)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.total.backward()
-        model.project_decoder_grad()
-        max_norm = self.max_grad_norm if self.max_grad_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        check_step_values({"loss": loss.total, "gradient norm": grad_norm})  # before any parameter moves
-        self.optimizer.step()
-        with torch.no_grad():
-            model.normalize_decoder()
-            model.threshold.clamp_(min=THRESHOLD_FLOOR)
-            ev = explained_variance(x, out.x_hat)
+        u = dense_update(self.model, self.optimizer, x, lr, objective, self.max_grad_norm)
+        loss, out = u.loss, u.forward
         return StepResult(
             loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
-            ev.item(), grad_norm.item(), 0.0, out.indices, out.values,
+            u.explained_variance.item(), u.grad_norm.item(), 0.0, out.indices, out.values,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -4,7 +4,7 @@ Runs in Triton's interpreter on the CPU when there is no GPU (tests/test_kernels
 
 - one step's loss and gradients: `kernels.reference.sae_forward` + the loss + autograd (dense [F, D] grads,
   compacted here by the kernel's `touched`), which must also be exactly zero outside `touched`;
-- N steps of training: `Trainer.train_step`'s sequence on the reference backend (sae_loss, backward,
+- N steps of training: the trainer's dense step on the reference backend (sae_loss, backward,
   project_decoder_grad, clip_grad_norm_, torch.optim.Adam(betas=(0, 0.999), foreach=False),
   normalize_decoder, threshold clamp), in fp32 and in fp64.
 
@@ -27,8 +27,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from sae.dense_step import dense_update
 from sae.model import JumpReLUSAE
-from sae.objectives import Objective, per_token_error, sae_loss
+from sae.objectives import Objective, per_token_error
 from sae.schedule import lr_at, sparsity_coefficient_at
 from sae.sparse_step import (
     LATENT_DIMS,
@@ -211,22 +212,10 @@ def initial_sae(seed: int) -> tuple[JumpReLUSAE, SyntheticActivations, float]:
 
 
 def dense_step(model, optimizer, x, lr, kind, coefficient, max_norm) -> list[float]:
-    """Trainer.train_step, line for line (reference backend)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    out = model(x)
-    loss = sae_loss(x, out.x_hat, out.l0, kind, coefficient, TARGET)
-    optimizer.zero_grad(set_to_none=True)
-    loss.total.backward()
-    model.project_decoder_grad()
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
-    optimizer.step()
-    with torch.no_grad():
-        model.normalize_decoder()
-        model.threshold.clamp_(min=THRESHOLD_FLOOR)
-        ev = 1.0 - (x - out.x_hat).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
-    return [loss.total.item(), loss.reconstruction.item(), loss.sparsity.item(), out.l0.mean().item(), ev.item(),
-            grad_norm.item()]
+    """The trainer's dense step (`sae.dense_step.dense_update`, reference backend)."""
+    u = dense_update(model, optimizer, x, lr, Objective(kind, coefficient, TARGET), max_norm)
+    return [u.loss.total.item(), u.loss.reconstruction.item(), u.loss.sparsity.item(), u.forward.l0.mean().item(),
+            u.explained_variance.item(), u.grad_norm.item()]
 
 
 def preactivations(model: JumpReLUSAE, x: torch.Tensor) -> torch.Tensor:
