@@ -1,4 +1,4 @@
-"""`python -m sae`: the command line.
+"""`python -m sae` (or the `saekit` console script): the command line.
 
     python -m sae train                       # the embedded offline default: Gemma-3 270M, ICD-10-CM text
     python -m sae train --resume runs/default # continue an interrupted run where its last checkpoint left off
@@ -14,6 +14,7 @@ import argparse
 import sys
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 
 from harvest.select import SelectConfig
 from sae.config import ConfigError, TrainConfig
@@ -50,7 +51,8 @@ def _command(commands, name: str, config_cls: type, progress_help: str = "no pro
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sae", description="saekit: train JumpReLU sparse autoencoders.")
+    prog = "saekit" if Path(sys.argv[0]).name == "saekit" else "python -m sae"  # the console script or -m
+    parser = argparse.ArgumentParser(prog=prog, description="saekit: train JumpReLU sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = _command(
         commands, "train", TrainConfig, "no progress bars (log lines still go to metrics.jsonl)",

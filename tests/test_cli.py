@@ -109,3 +109,15 @@ def test_harvest_imports_nothing_of_sae():
     code = ("import sys, harvest, harvest.__main__, harvest.select; "
             "assert not [m for m in sys.modules if m == 'sae' or m.startswith('sae.')], sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+def test_the_saekit_console_script_runs_the_sae_command_line(capsys, monkeypatch):
+    from importlib.metadata import entry_points
+
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "saekit"]
+    assert script.value == "sae.__main__:main"
+    monkeypatch.setattr("sys.argv", ["/usr/bin/saekit", "train", "--help"])
+    with pytest.raises(SystemExit) as done:
+        script.load()()
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: saekit train")
