@@ -119,9 +119,9 @@ def unregister(name: str) -> None:
 
 def all_cases() -> list[Case]:
     """Every registered case, ordered by size, op, impl (the order the runner goes through them)."""
-    from bench import cases_harvest, cases_kernels, cases_step
+    from bench import cases_gemm, cases_harvest, cases_kernels, cases_step
 
-    found = {c.name: c for module in (cases_step, cases_kernels, cases_harvest) for c in module.cases()}
+    found = {c.name: c for module in (cases_step, cases_kernels, cases_gemm, cases_harvest) for c in module.cases()}
     found.update(_EXTRA)
     return sorted(found.values(), key=Case.order)
 
