@@ -70,12 +70,13 @@ class Rates(NamedTuple):
 
 
 RATES = Rates()
-DENSE_BF_BYTES = 200
-"""HBM bytes per [B, F] element that the dense reference step moves in its unfused autograd elementwise ops
-(fp32 and autocast alike; counted op by op from kernels/reference.py, docs/performance.md): forward ~60 (+ b_enc,
-the step and JumpReLU masks and casts, top-k over each row), backward ~140 (the JumpReLU and step backwards each
-rebuild the window from z in ~6 passes, a zeros_like for the step's z gradient and its accumulation, casts).
-The minimum (bench/counts.py `step_dense`) counts 4 * elt: f and dL/dz written and read once."""
+DENSE_BF_BYTES = 240
+"""HBM bytes per [B, F] element that the dense reference step moves in its unfused elementwise ops under autograd
+(fp32 and autocast alike, within ~10%), counted op by op from kernels/reference.py (docs/performance.md): forward
+~60 (+ b_enc, the step's and the JumpReLU's masks, casts, the decode's operand, top-k over each row), backward ~180
+(the JumpReLU's and the step's backwards each rebuild the STE window from z in ~7 passes, the step's zeros_like
+gradient for z and its accumulation, the casts of dL/df and dL/dz). The minimum (bench/counts.py `step_dense`) counts
+4 * elt: f and dL/dz each written and read once."""
 
 
 class Part(NamedTuple):
@@ -259,8 +260,13 @@ def rows() -> list[Row]:
         r for size in ("65k", "262k", "1m") for r in _step_rows(size)]
 
 
+def _num(x: float) -> str:
+    """Three significant digits, thousands separated, no exponent."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def _ms(s: float) -> str:
-    return f"{s * 1e3:,.3g}"
+    return _num(s * 1e3)
 
 
 def table(found: list[Row]) -> str:
@@ -270,9 +276,9 @@ def table(found: list[Row]) -> str:
     for r in found:
         f100, b100 = r.floor(H100)
         f200, _ = r.floor(H200)
-        lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {r.flops / 1e9:,.4g} | {r.nbytes / GB:,.4g} | "
-                     f"{r.flops / r.nbytes:,.3g} | {_ms(f100)} ({b100}) | {_ms(f200)} | {_ms(r.expected(H100))} | "
-                     f"{_ms(r.expected(H200))} | {r.memory / GB:,.3g} | |")
+        lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {_num(r.flops / 1e9)} | {_num(r.nbytes / GB)} | "
+                     f"{_num(r.flops / r.nbytes)} | {_ms(f100)} ({b100}) | {_ms(f200)} | {_ms(r.expected(H100))} | "
+                     f"{_ms(r.expected(H200))} | {_num(r.memory / GB)} | |")
     return "\n".join(lines)
 
 
@@ -283,7 +289,7 @@ def step_parts_table(found: list[Row]) -> str:
         if "step" not in r.kernel or r.dtype != "bf16":
             continue
         for p in r.parts:
-            lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {p.what} | {p.nbytes / GB:,.3g} | "
+            lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {p.what} | {_num(p.nbytes / GB)} | "
                          f"{_ms(p.seconds(H200))} |")
     return "\n".join(lines)
 
