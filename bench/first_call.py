@@ -28,6 +28,7 @@ not run), static.json, and the shell's first-call.log: at most 8 files, as a dev
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import signal
@@ -65,15 +66,15 @@ class Stage(NamedTuple):
     budget_s: int
     argv: list[str]
     optional: bool = False  # run only if time is left after the summary's turn
+    bench: bool = False  # a `python -m bench` run: told to start no case in the last 25% of its bound
 
 
-def _bench(out: Path, part: str, budget_s: int, repeat_s: float, cases: list[str]) -> list[str]:
-    """A `python -m bench` run of `cases` into bench-<part>.json, starting no case in the last 25% of its bound."""
-    argv = [sys.executable, "-m", "bench", "--json", str(out / f"bench-{part}.json"), "--repeat-s", str(repeat_s),
-            "--max-minutes", f"{0.75 * budget_s / 60:.2f}"]
+def _bench(name: str, budget_s: int, out: Path, repeat_s: float, cases: list[str], optional: bool = False) -> Stage:
+    """A `python -m bench` run of `cases` into bench-<name>.json."""
+    argv = [sys.executable, "-m", "bench", "--json", str(out / f"bench-{name}.json"), "--repeat-s", str(repeat_s)]
     for case in cases:
         argv += ["--case", case]
-    return argv
+    return Stage(name, budget_s, argv, optional, bench=True)
 
 
 def stages(out: Path, tiny: bool = False, workers: int | None = None) -> list[Stage]:
@@ -92,15 +93,13 @@ def stages(out: Path, tiny: bool = False, workers: int | None = None) -> list[St
         Stage("env", budgets["env"], [sys.executable, "-m", "bench.first_call", "--env", str(out / "env.txt")]),
         Stage("a", budgets["a"], [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
                                   "--durations=15", f"--junitxml={out / 'pytest.xml'}", *tests]),
-        Stage("bc", budgets["bc"], _bench(out, "bc", budgets["bc"], repeat, [
-            *step, f"encode/{s.mid}/triton-bf16", f"encode/{s.mid}/gemm-bf16", *kernels])),
-        Stage("d1", budgets["d1"], _bench(out, "d1", budgets["d1"], repeat, [
-            f"step/{s.wide}/triton-bf16", f"step/{s.wide}/triton", f"encode/{s.wide}/triton-bf16",
-            f"encode/{s.wide}/gemm-bf16"])),
-        Stage("d2", budgets["d2"], _bench(out, "d2", budgets["d2"], repeat, [f"step/{s.ref}/{i}" for i in (
-            "triton-bf16", "reference-bf16", "triton", "reference")])),
-        Stage("d3", budgets["d3"], _bench(out, "d3", budgets["d3"], repeat, [f"step/{s.wide}/reference-bf16"]),
-              optional=True),
+        _bench("bc", budgets["bc"], out, repeat, [
+            *step, f"encode/{s.mid}/triton-bf16", f"encode/{s.mid}/gemm-bf16", *kernels]),
+        _bench("d1", budgets["d1"], out, repeat, [f"step/{s.wide}/triton-bf16", f"step/{s.wide}/triton",
+                                                  f"encode/{s.wide}/triton-bf16", f"encode/{s.wide}/gemm-bf16"]),
+        _bench("d2", budgets["d2"], out, repeat, [f"step/{s.ref}/{i}" for i in (
+            "triton-bf16", "reference-bf16", "triton", "reference")]),
+        _bench("d3", budgets["d3"], out, repeat, [f"step/{s.wide}/reference-bf16"], optional=True),
         Stage("f", budgets["f"], [sys.executable, "-m", "bench", "--static", "--json", str(out / "static.json")],
               optional=True),
     ]
@@ -110,16 +109,19 @@ def run_stage(stage: Stage, budget_s: float) -> int:
     """Run one stage in its own process group; SIGINT at its bound, SIGKILL GRACE_S later. Returns its exit code
     (124 when cut at the bound)."""
     t0 = time.time()
-    print(f"\n== stage {stage.name}: up to {budget_s:.0f} s: {' '.join(stage.argv)}", flush=True)
-    proc = subprocess.Popen(stage.argv, cwd=ROOT, start_new_session=True)
+    argv = stage.argv + (["--max-minutes", f"{0.75 * budget_s / 60:.2f}"] if stage.bench else [])
+    print(f"\n== stage {stage.name}: up to {budget_s:.0f} s: {' '.join(argv)}", flush=True)
+    proc = subprocess.Popen(argv, cwd=ROOT, start_new_session=True)
     try:
         rc = proc.wait(timeout=budget_s)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # the group may have ended meanwhile
+            os.killpg(proc.pid, signal.SIGINT)
         try:
             proc.wait(timeout=GRACE_S)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         rc = 124
     note = " (cut at its bound)" if rc == 124 else ""
