@@ -77,6 +77,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="run the cases matching this glob, e.g. 'step/16k/*' or '*/offline/reference' "
                         "(repeatable); default: the profile's selection")
     p.add_argument("--list", action="store_true", help="list every case with the profiles that include it, and exit")
+    p.add_argument("--predict", action="store_true",
+                   help="print the predicted FLOPs, bytes, floors, expected times and memory of each kernel and step "
+                        "on an H100 / H200 (bench/predict.py; --json writes them), and exit")
+    p.add_argument("--static", action="store_true",
+                   help="compile every kernel for sm_90 at its production tiles and print registers, spills and "
+                        "shared memory (bench/static.py; no GPU needed; --case GLOB selects configs such as "
+                        "'encode/*'; --json writes them), and exit")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--json", metavar="PATH", help="write every figure here (rewritten after each case)")
     p.add_argument("--plot", metavar="PNG", help="plot training-step throughput vs d_sae here (needs matplotlib)")
@@ -97,6 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print(report.listing(all_cases()))
         return 0
+    if args.predict:
+        from bench import predict
+
+        return predict.main(args.json)
+    if args.static:
+        from bench import static
+
+        return static.main(args.json, args.case)
     if args.replot:
         if not args.plot:
             report.err("error: --replot needs --plot PNG")

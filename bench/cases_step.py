@@ -300,7 +300,7 @@ def _replay(params: dict[str, Tensor], eps: float, S: Tensor, grads: dict[str, T
 
 
 @contextlib.contextmanager
-def _full_precision_reductions():
+def full_precision_reductions():
     """cuBLAS sums 16-bit products in fp32 throughout, without the reduced-precision split-K reductions torch
     allows by default (extra 16-bit roundings of partial sums that `wide_window`'s delta does not bound)."""
     matmul = torch.backends.cuda.matmul
@@ -319,7 +319,7 @@ def _check_autocast(size: str, kind: str, low: torch.dtype) -> Callable[[Env], C
     Adam's first step is about lr sign(gradient), so a gradient within its rounding bound of zero may flip an
     update by 2 lr, which no rounding bound on the parameters expresses; the replay checks that the fp32 update
     ran on what the backward produced, and the gradients themselves are bounded. The checked step runs with
-    `_full_precision_reductions` (the timed one with torch's defaults)."""
+    `full_precision_reductions` (the timed one with torch's defaults)."""
 
     def check(env: Env) -> Check:
         data = env.sae_data(SAE_SIZES[size])
@@ -334,7 +334,7 @@ def _check_autocast(size: str, kind: str, low: torch.dtype) -> Callable[[Env], C
             cmp.within(name, scaled_err(got, ref), autocast_allowed(name, low, ww.rows, shape.D, S.numel()))
 
         stepper = _Stepper(kind, p0, ww.eps, x, K, low)
-        with _full_precision_reductions():
+        with full_precision_reductions():
             stats = stepper()
         for name, got, ref in zip(STATS, stats, o64.stats):
             bound(name, got, ref)

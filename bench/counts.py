@@ -15,12 +15,18 @@ from __future__ import annotations
 FP32 = 4
 
 
-def encode_sparse(B: int, D: int, F: int, K: float, W: float) -> tuple[float, float]:
-    """`kernels.jumprelu_encode.flops_and_bytes`: 2BDF FLOPs; reads x and W_enc once, writes 8 bytes per
-    active pair and 4 per window pair (the compact lists) plus the counters."""
+def encode_sparse(B: int, D: int, F: int, K: float, W: float, elt: int = FP32) -> tuple[float, float]:
+    """`kernels.jumprelu_encode.flops_and_bytes`: 2BDF FLOPs; reads x and W_enc once (`elt` bytes per element),
+    writes 8 bytes per active pair and 4 per window pair (the compact lists) plus the counters."""
     from kernels import jumprelu_encode
 
-    return jumprelu_encode.flops_and_bytes(B, D, F, round(K), round(W), elt=FP32)
+    return jumprelu_encode.flops_and_bytes(B, D, F, round(K), round(W), elt=elt)
+
+
+def gemm(B: int, D: int, F: int, elt: int) -> tuple[float, float]:
+    """A plain product x [B, D] @ W_enc [D, F] in `elt`-byte operands and output: 2BDF FLOPs, each operand read
+    once and the [B, F] output written once."""
+    return 2 * B * D * F, elt * (B * D + D * F + B * F)
 
 
 def encode_dense(B: int, D: int, F: int) -> tuple[float, float]:
