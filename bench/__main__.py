@@ -32,8 +32,15 @@ from bench.roofline import measure
 from bench.runner import add_speedups, run_case
 from bench.timing import Timer
 
-_KERNEL_MODULES = ("kernels.jumprelu_encode", "kernels.sparse_decode", "kernels.latent_grads",
-                   "kernels.threshold_grad", "kernels.sae_pipeline", "kernels.sae_step", "kernels.sparse_grads")
+_KERNEL_MODULES = (
+    "kernels.jumprelu_encode",
+    "kernels.sparse_decode",
+    "kernels.latent_grads",
+    "kernels.threshold_grad",
+    "kernels.sae_pipeline",
+    "kernels.sae_step",
+    "kernels.sparse_grads",
+)
 
 
 def kernel_mode(device: torch.device) -> tuple[KernelMode, str]:
@@ -52,8 +59,10 @@ def kernel_mode(device: torch.device) -> tuple[KernelMode, str]:
             return "unavailable", "not run: TRITON_INTERPRET=1 runs kernels on CPU tensors; unset it to time on CUDA"
         return "compiled", ""
     if not interpreting:
-        return "unavailable", ("not run: the kernels need CUDA, or TRITON_INTERPRET=1 set before they are "
-                               "imported to check them on the CPU")
+        return "unavailable", (
+            "not run: the kernels need CUDA, or TRITON_INTERPRET=1 set before they are "
+            "imported to check them on the CPU"
+        )
     from triton.runtime.interpreter import InterpretedFunction
 
     from kernels import jumprelu_encode
@@ -65,37 +74,67 @@ def kernel_mode(device: torch.device) -> tuple[KernelMode, str]:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        prog="python -m bench", description=__doc__.split("\n\n")[0],
+        prog="python -m bench",
+        description=__doc__.split("\n\n")[0],
         epilog="Cases are named <op>/<size>/<impl>; see --list. JSON: without --json, the full profile "
-               "(no --quick, no --case) writes bench/results/<device>-<date>.json and a --quick or --case run "
-               "writes none. See bench/gpu_check.sh for the one-call GPU profile.",
+        "(no --quick, no --case) writes bench/results/<device>-<date>.json and a --quick or --case run "
+        "writes none. See bench/gpu_check.sh for the one-call GPU profile.",
     )
-    p.add_argument("--quick", action="store_true",
-                   help="CPU-sized run for CI (under a minute on 2 cores): the offline size and a tiny random "
-                        "Gemma-2 harvester; torch.compile cases are listed as not run")
-    p.add_argument("--case", action="append", metavar="GLOB",
-                   help="run the cases matching this glob, e.g. 'step/16k/*' or '*/offline/reference' "
-                        "(repeatable); default: the profile's selection")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="CPU-sized run for CI (under a minute on 2 cores): the offline size and a tiny random "
+        "Gemma-2 harvester; torch.compile cases are listed as not run",
+    )
+    p.add_argument(
+        "--case",
+        action="append",
+        metavar="GLOB",
+        help="run the cases matching this glob, e.g. 'step/16k/*' or '*/offline/reference' "
+        "(repeatable); default: the profile's selection",
+    )
     p.add_argument("--list", action="store_true", help="list every case with the profiles that include it, and exit")
-    p.add_argument("--predict", action="store_true",
-                   help="print the predicted FLOPs, bytes, floors, expected times and memory of each kernel and step "
-                        "on an H100 / H200 (bench/predict.py; --json writes them), and exit")
-    p.add_argument("--static", action="store_true",
-                   help="compile every kernel for sm_90 at its production tiles and print registers, spills and "
-                        "shared memory (bench/static.py; no GPU needed; --case GLOB selects configs such as "
-                        "'encode/*'; --json writes them), and exit")
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="print the predicted FLOPs, bytes, floors, expected times and memory of each kernel and step "
+        "on an H100 / H200 (bench/predict.py; --json writes them), and exit",
+    )
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="compile every kernel for sm_90 at its production tiles and print registers, spills and "
+        "shared memory (bench/static.py; no GPU needed; --case GLOB selects configs such as "
+        "'encode/*'; --json writes them), and exit",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
     p.add_argument("--json", metavar="PATH", help="write every figure here (rewritten after each case)")
     p.add_argument("--plot", metavar="PNG", help="plot training-step throughput vs d_sae here (needs matplotlib)")
-    p.add_argument("--replot", metavar="JSON", help="only redraw --plot from a JSON this suite wrote (e.g. fetched "
-                                                    "from a GPU machine without matplotlib), and exit")
-    p.add_argument("--repeat-s", type=float, default=None,
-                   help="seconds of timed repetitions per case (default 1.0, 0.25 with --quick; at least 3 runs)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for torch (default: torch's own, all cores; 1 with --quick, whose CI machines "
-                        "are shared and where busy cores make multi-threaded small ops erratic)")
-    p.add_argument("--max-minutes", type=float, default=None,
-                   help="start no new case after this many minutes (the rest are reported as not run)")
+    p.add_argument(
+        "--replot",
+        metavar="JSON",
+        help="only redraw --plot from a JSON this suite wrote (e.g. fetched "
+        "from a GPU machine without matplotlib), and exit",
+    )
+    p.add_argument(
+        "--repeat-s",
+        type=float,
+        default=None,
+        help="seconds of timed repetitions per case (default 1.0, 0.25 with --quick; at least 3 runs)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's own, all cores; 1 with --quick, whose CI machines "
+        "are shared and where busy cores make multi-threaded small ops erratic)",
+    )
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="start no new case after this many minutes (the rest are reported as not run)",
+    )
     return p.parse_args(argv)
 
 

@@ -101,7 +101,7 @@ def _check_gemm(size: str, low: torch.dtype) -> Callable[[Env], Check]:
         x, W = _operands(data, data.check_rows, low)
         with full_precision_reductions():
             got = torch.mm(x, W)
-        ref64 = torch.cat([x.double() @ W[:, c0:c0 + _COLUMNS].double() for c0 in range(0, W.shape[1], _COLUMNS)], 1)
+        ref64 = torch.cat([x.double() @ W[:, c0 : c0 + _COLUMNS].double() for c0 in range(0, W.shape[1], _COLUMNS)], 1)
         e32 = scaled_err(torch.mm(x.float(), W.float()), ref64)
         cmp = Comparison(f"B={x.shape[0]} D={data.shape.D} F={data.shape.F}, {SHORT[low]} operands and output")
         cmp.within(f"x @ W_enc ({SHORT[low]} output)", scaled_err(got, ref64), UNIT[low] * (1 + e32) + 2 * e32 + FLOOR)
@@ -122,8 +122,9 @@ def _prepare(size: str, kind: str, low: torch.dtype) -> Callable[[Env], Workload
         wcap = capacity_after(int(first.window_counts.max()), F)
         del first
         flops, nbytes = counts.encode_sparse(B, D, F, data.mean_l0, data.mean_window, low.itemsize)
-        return Workload(lambda: _encode(x, W, data, cap, wcap), flops, nbytes, B, SHORT[low],
-                        note=f"capacity {cap}/{wcap}")
+        return Workload(
+            lambda: _encode(x, W, data, cap, wcap), flops, nbytes, B, SHORT[low], note=f"capacity {cap}/{wcap}"
+        )
 
     return prepare
 
@@ -132,8 +133,17 @@ def encode_case(size: str, kind: str, low: torch.dtype = torch.bfloat16) -> Case
     """`encode/<size>/<kind>-bf16` (or `-fp16`), kind "triton" or "gemm"; speed-ups against the GEMM."""
     impl = f"{kind}-{SHORT[low]}"
     check = _check_triton(size, low) if kind == "triton" else _check_gemm(size, low)
-    return Case("encode", size, impl, check, _prepare(size, kind, low), profiles_for(size, impl),
-                "triton" if kind == "triton" else "torch", (f"gemm-{SHORT[low]}", None), SHORT[low])
+    return Case(
+        "encode",
+        size,
+        impl,
+        check,
+        _prepare(size, kind, low),
+        profiles_for(size, impl),
+        "triton" if kind == "triton" else "torch",
+        (f"gemm-{SHORT[low]}", None),
+        SHORT[low],
+    )
 
 
 def cases() -> list[Case]:

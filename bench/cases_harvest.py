@@ -53,10 +53,24 @@ class LMSetup(NamedTuple):
 
 
 _RANDOM_GEMMA2 = {
-    "tiny": {"hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "head_dim": 32, "intermediate_size": 128, "vocab_size": 512},
-    "gemma2-2b": {"hidden_size": 2304, "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
-                  "head_dim": 256, "intermediate_size": 9216, "vocab_size": 256000},
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "intermediate_size": 128,
+        "vocab_size": 512,
+    },
+    "gemma2-2b": {
+        "hidden_size": 2304,
+        "num_hidden_layers": 26,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 256,
+        "intermediate_size": 9216,
+        "vocab_size": 256000,
+    },
 }
 _SIZES = {  # layer, context, batch, d_sae, target L0, tokenizer vocabulary, buffer in batches
     "tiny": (1, 64, 256, 256, 8, 512, 8),
@@ -76,10 +90,13 @@ def _tokenizer(context: int, vocab: int):
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
-    bpe.train_from_iterator(pydoc_documents(context)[:400],
-                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    bpe.train_from_iterator(
+        pydoc_documents(context)[:400],
+        trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False),
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 def _random_gemma2(sizes: dict, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -107,12 +124,25 @@ def _setup(size: str, device: torch.device) -> LMSetup:
         dtype = torch.bfloat16 if device.type == "cuda" and size != "tiny" else torch.float32
         tokenizer = _tokenizer(context, vocab)
         model = _random_gemma2(_RANDOM_GEMMA2[size], device, dtype)
-        model_cfg = api.ModelConfig(model=f"random-gemma2-{size}", layer=layer,
-                                    model_dtype="bfloat16" if dtype == torch.bfloat16 else "float32")
+        model_cfg = api.ModelConfig(
+            model=f"random-gemma2-{size}", layer=layer, model_dtype="bfloat16" if dtype == torch.bfloat16 else "float32"
+        )
         data_cfg = api.DataConfig(dataset="pydoc-prose", context_size=context)
     name = "bf16" if dtype == torch.bfloat16 else "fp32"
-    return LMSetup(model, tokenizer, model_cfg, data_cfg, buffer_cfg, layer, context, batch, d_sae, target_l0,
-                   name, 2 if name == "bf16" else 4)
+    return LMSetup(
+        model,
+        tokenizer,
+        model_cfg,
+        data_cfg,
+        buffer_cfg,
+        layer,
+        context,
+        batch,
+        d_sae,
+        target_l0,
+        name,
+        2 if name == "bf16" else 4,
+    )
 
 
 def _lm(env: Env, size: str) -> LMSetup:
@@ -128,7 +158,8 @@ def untruncated(model: nn.Module, layer: int, input_ids: Tensor, attention_mask:
     """Decoder layer `layer`'s output from a forward through every layer of the backbone (the reference)."""
     out: list[Tensor] = []
     handle = _layers(model)[layer].register_forward_hook(
-        lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o))
+        lambda m, a, o: out.append(o[0] if isinstance(o, tuple) else o)
+    )
     try:
         with torch.inference_mode():
             model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -203,8 +234,9 @@ def _check_harvester(env: Env, s: LMSetup, stream: api.Batches) -> tuple[Compari
         drop.append(acts[is_special])
     candidates = torch.cat(keep)
     scale = candidates.norm(dim=1).mean().item()
-    cmp.within("distance to the nearest read activation", _nearest(first, candidates).max().item() / scale,
-               _tolerance(s))
+    cmp.within(
+        "distance to the nearest read activation", _nearest(first, candidates).max().item() / scale, _tolerance(s)
+    )
     specials = torch.cat(drop)
     if specials.numel() and s.data_cfg.exclude_special_tokens:
         on_special = _nearest(first, specials) <= _tolerance(s) * scale
@@ -233,8 +265,9 @@ def _stream(s: LMSetup, env: Env) -> api.Batches:
 
 def _feed(env: Env, s: LMSetup, source: Iterator[Tensor]) -> api.TrainerFeed:
     backend = "triton" if env.kernels == "compiled" else "reference"
-    return api.TrainerFeed(source, s.model_cfg, s.data_cfg, s.buffer_cfg, s.batch, s.d_sae, s.target_l0, env.device,
-                           backend)
+    return api.TrainerFeed(
+        source, s.model_cfg, s.data_cfg, s.buffer_cfg, s.batch, s.d_sae, s.target_l0, env.device, backend
+    )
 
 
 def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
@@ -245,16 +278,31 @@ def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
             ids, mask = _random_rows(s, ROWS, env.device)
             tokens = ROWS * s.context
             flops, nbytes = counts.lm_forward(config, s.layer, tokens, 1, s.context, s.elt)
-            return Workload(lambda: api.bare_forward(s.model, s.layer, ids, mask), flops, nbytes, tokens, s.dtype,
-                            note=f"{ROWS} rows x {s.context}", wall_clock=True)
+            return Workload(
+                lambda: api.bare_forward(s.model, s.layer, ids, mask),
+                flops,
+                nbytes,
+                tokens,
+                s.dtype,
+                note=f"{ROWS} rows x {s.context}",
+                wall_clock=True,
+            )
         stream = _stream(s, env)
         n = s.buffer_cfg.buffer_tokens // 2 // s.batch  # batches per segment (half of the ring buffer)
         tokens = n * s.batch
         forwards = math.ceil(tokens / (ROWS * (s.context - 1)))
         flops, nbytes = counts.lm_forward(config, s.layer, tokens, forwards, s.context, s.elt)
         if impl == "harvester":
-            return Workload(lambda: [next(stream) for _ in range(n)], flops, nbytes, tokens, s.dtype,
-                            note=f"one segment: {n} batches of {s.batch}", wall_clock=True, cleanup=stream.close)
+            return Workload(
+                lambda: [next(stream) for _ in range(n)],
+                flops,
+                nbytes,
+                tokens,
+                s.dtype,
+                note=f"one segment: {n} batches of {s.batch}",
+                wall_clock=True,
+                cleanup=stream.close,
+            )
         feed = _feed(env, s, stream)
         feed.step()  # the first batch: initialisation and the first step, before the timed segment
         D = config.get_text_config().hidden_size
@@ -264,14 +312,23 @@ def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
             step_flops, step_bytes = counts.step_sparse(s.batch, D, s.d_sae, s.target_l0, 0, touched)
         else:
             step_flops, step_bytes = counts.step_dense(s.batch, D, s.d_sae)
-        return Workload(lambda: [feed.step() for _ in range(n)], flops + n * step_flops,
-                        nbytes + n * step_bytes, tokens, s.dtype, wall_clock=True, cleanup=stream.close,
-                        note=f"one segment + {n} {'sparse' if sparse else 'dense'} steps, F={s.d_sae}")
+        return Workload(
+            lambda: [feed.step() for _ in range(n)],
+            flops + n * step_flops,
+            nbytes + n * step_bytes,
+            tokens,
+            s.dtype,
+            wall_clock=True,
+            cleanup=stream.close,
+            note=f"one segment + {n} {'sparse' if sparse else 'dense'} steps, F={s.d_sae}",
+        )
 
     return prepare
 
 
 def cases() -> list[Case]:
-    return [Case("harvest", size, impl, _check(size, impl), _prepare(size, impl), _PROFILES[size], "torch",
-                 ("bare", None))
-            for size in _SIZES for impl in ("bare", "harvester", "harvester+train")]
+    return [
+        Case("harvest", size, impl, _check(size, impl), _prepare(size, impl), _PROFILES[size], "torch", ("bare", None))
+        for size in _SIZES
+        for impl in ("bare", "harvester", "harvester+train")
+    ]

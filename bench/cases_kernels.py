@@ -53,7 +53,8 @@ def _rows(shape_B: int, D: int, device: torch.device, seed: int) -> tuple[Tensor
     """dL/dx_hat [B, D] ~ 2 (x_hat - x) / B in size, and dL/dl0 [B] as the target-L0 term gives it."""
     g = torch.Generator(device=device).manual_seed(seed)
     return torch.randn(shape_B, D, generator=g, device=device) * (2.0 / shape_B), torch.full(
-        (shape_B,), 1.0 / (8 * shape_B), device=device)
+        (shape_B,), 1.0 / (8 * shape_B), device=device
+    )
 
 
 # -- encode ----------------------------------------------------------------------------------------------------
@@ -84,8 +85,9 @@ def _encode_fn(impl: str) -> Callable:
         from kernels import jumprelu_encode as enc
 
         def run(x, p, eps, capacity=None, window_capacity=None):
-            return enc.jumprelu_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], p["threshold"], eps,
-                                       capacity, window_capacity)
+            return enc.jumprelu_encode(
+                x, p["W_enc"], p["b_enc"], p["b_dec"], p["threshold"], eps, capacity, window_capacity
+            )
 
         return run
     encode = torch.compile(R.encode) if impl == "compile" else R.encode
@@ -100,8 +102,13 @@ def _encode_fn(impl: str) -> Callable:
 def _encode_view(impl: str, out, F: int) -> EncodeView:
     if impl == "triton":
         active = _scatter(out.indices, out.counts, F)
-        return EncodeView(active, _scatter(out.indices, out.counts, F, out.values), out.counts.long(),
-                          _scatter(out.window, out.window_counts, F), out.fire_counts.long())
+        return EncodeView(
+            active,
+            _scatter(out.indices, out.counts, F, out.values),
+            out.counts.long(),
+            _scatter(out.window, out.window_counts, F),
+            out.fire_counts.long(),
+        )
     return EncodeView(out.acts > 0, out.acts, out.l0.long(), None, None)  # acts > 0 iff z > theta > 0
 
 
@@ -176,8 +183,9 @@ def _threshold_fn(impl: str) -> Callable[..., Callable[[], Tensor]]:
         def build(x, data, g, g_l0):
             p, eps, F = data.params(), data.shape.eps, data.shape.F
             code = enc.jumprelu_encode(x, p["W_enc"], p["b_enc"], p["b_dec"], p["threshold"], eps)
-            return lambda: tg.threshold_grad(lg.latent_major(code.window, code.window_counts, F), g, g_l0,
-                                             data.W_dec, data.threshold, eps)
+            return lambda: tg.threshold_grad(
+                lg.latent_major(code.window, code.window_counts, F), g, g_l0, data.W_dec, data.threshold, eps
+            )
 
         return build
     grad = torch.compile(dense_threshold_grad) if impl == "compile" else dense_threshold_grad
@@ -196,8 +204,9 @@ def _check_threshold(size: str, impl: str) -> Callable[[Env], Check]:
         g, g_l0 = _rows(data.shape.B, data.shape.D, env.device, seed=1)
         g, g_l0 = g[:R_].contiguous(), g_l0[:R_].contiguous()
         z64 = pre_activations(x, data, torch.float64)
-        grad_f64 = torch.cat([g.double() @ data.W_dec[c0:c0 + _COLUMNS].double().t()
-                              for c0 in range(0, data.shape.F, _COLUMNS)], dim=1)
+        grad_f64 = torch.cat(
+            [g.double() @ data.W_dec[c0 : c0 + _COLUMNS].double().t() for c0 in range(0, data.shape.F, _COLUMNS)], dim=1
+        )
         ref64 = oracle_threshold_grad(z64, grad_f64, g_l0.double(), data.threshold.double(), eps)
         del grad_f64
         z32 = pre_activations(x, data, torch.float32)
@@ -221,8 +230,14 @@ def _prepare_threshold(size: str, impl: str) -> Callable[[Env], Workload]:
             flops, nbytes = counts.threshold_sparse(B, D, F, data.mean_window)
         else:
             flops, nbytes = counts.threshold_dense(B, D, F)
-        return Workload(fn, flops, nbytes, B, min_warmup=3 if impl == "compile" else 1,
-                        note=f"{data.mean_window:.2f} window pairs/row")
+        return Workload(
+            fn,
+            flops,
+            nbytes,
+            B,
+            min_warmup=3 if impl == "compile" else 1,
+            note=f"{data.mean_window:.2f} window pairs/row",
+        )
 
     return prepare
 
@@ -234,8 +249,11 @@ def _decode_inputs(data: SAEData, device: torch.device) -> tuple[Tensor, Tensor,
     """indices [B, K] uniform over the latents (repeats allowed), values [B, K] in [0.5, 1.5), upstream [B, D]."""
     B, D, F, K, _ = data.shape
     g = torch.Generator(device=device).manual_seed(2)
-    return (torch.randint(0, F, (B, K), generator=g, device=device),
-            torch.rand(B, K, generator=g, device=device) + 0.5, torch.randn(B, D, generator=g, device=device))
+    return (
+        torch.randint(0, F, (B, K), generator=g, device=device),
+        torch.rand(B, K, generator=g, device=device) + 0.5,
+        torch.randn(B, D, generator=g, device=device),
+    )
 
 
 def _forward_backward(fn, indices, values, W_dec, b_dec, up) -> tuple[Tensor, ...]:
@@ -261,7 +279,7 @@ def _max_outside(t: Tensor, rows: Tensor) -> float:
     keep[rows] = False
     worst = 0.0
     for c0 in range(0, t.shape[0], _COLUMNS):
-        chunk = t[c0:c0 + _COLUMNS][keep[c0:c0 + _COLUMNS]]
+        chunk = t[c0 : c0 + _COLUMNS][keep[c0 : c0 + _COLUMNS]]
         if chunk.numel():
             worst = max(worst, chunk.abs().max().item())
     return worst
@@ -275,8 +293,12 @@ def _check_decode(size: str, impl: str, get_fn: Callable[[], Callable]) -> Calla
         # The oracle on the decoder rows the indices use (the others get a zero gradient): F-independent cost.
         rows = torch.unique(indices)
         local = torch.searchsorted(rows, indices)
-        ref = {dtype: _forward_backward(R.decode_sparse, local, values.to(dtype), data.W_dec[rows].to(dtype),
-                                        data.b_dec.to(dtype), up.to(dtype)) for dtype in (torch.float32, torch.float64)}
+        ref = {
+            dtype: _forward_backward(
+                R.decode_sparse, local, values.to(dtype), data.W_dec[rows].to(dtype), data.b_dec.to(dtype), up.to(dtype)
+            )
+            for dtype in (torch.float32, torch.float64)
+        }
         cmp = Comparison(_shape_text(data, R_))
         for i, name in ((0, "x_hat"), (1, "d values"), (3, "d b_dec")):
             cmp.rule(name, got[i], ref[torch.float32][i], ref[torch.float64][i])
@@ -295,19 +317,26 @@ def _prepare_decode(size: str, impl: str, get_fn: Callable[[], Callable]) -> Cal
         indices, values, up = _decode_inputs(data, env.device)
         fn = get_fn()
         flops, nbytes = counts.decode(B, D, F, K)
-        return Workload(lambda: _forward_backward(fn, indices, values, data.W_dec, data.b_dec, up), flops, nbytes,
-                        B, min_warmup=3 if impl == "compile" else 1)
+        return Workload(
+            lambda: _forward_backward(fn, indices, values, data.W_dec, data.b_dec, up),
+            flops,
+            nbytes,
+            B,
+            min_warmup=3 if impl == "compile" else 1,
+        )
 
     return prepare
 
 
-def decode_case(size: str, impl: str, get_fn: Callable[[], Callable], needs: str = "torch",
-                profiles: frozenset[str] = frozenset()) -> Case:
+def decode_case(
+    size: str, impl: str, get_fn: Callable[[], Callable], needs: str = "torch", profiles: frozenset[str] = frozenset()
+) -> Case:
     """A decode case for any function with the signature of `kernels.reference.decode_sparse`
     (indices, values, W_dec, b_dec) -> x_hat, differentiable w.r.t. the last three; `get_fn` is called when
     the case runs (kernel modules must not be imported before the interpreter mode is set)."""
-    return Case("decode", size, impl, _check_decode(size, impl, get_fn), _prepare_decode(size, impl, get_fn),
-                profiles, needs)
+    return Case(
+        "decode", size, impl, _check_decode(size, impl, get_fn), _prepare_decode(size, impl, get_fn), profiles, needs
+    )
 
 
 def cases() -> list[Case]:
@@ -317,8 +346,15 @@ def cases() -> list[Case]:
             profiles, needs = profiles_for(size, impl), _needs(impl)
             out += [
                 Case("encode", size, impl, _check_encode(size, impl), _prepare_encode(size, impl), profiles, needs),
-                Case("threshold-grad", size, impl, _check_threshold(size, impl), _prepare_threshold(size, impl),
-                     profiles, needs),
+                Case(
+                    "threshold-grad",
+                    size,
+                    impl,
+                    _check_threshold(size, impl),
+                    _prepare_threshold(size, impl),
+                    profiles,
+                    needs,
+                ),
                 decode_case(size, impl, functools.partial(_decode_fn, impl), needs, profiles),
             ]
     return out

@@ -65,8 +65,8 @@ from bench.env import Env, Workload
 from bench.registry import Case, profiles_for
 from bench.shapes import SAE_SIZES
 from bench.synthetic import capacity_after, wide_window
-from sae.model import PARAM_NAMES, JumpReLUSAE
 from sae.dense_step import apply_update, dense_update
+from sae.model import PARAM_NAMES, JumpReLUSAE
 from sae.objectives import Objective, sae_loss
 from sae.sparse_step import LATENT_DIMS
 
@@ -80,28 +80,51 @@ _NEEDS = {"triton": "triton", "compile": "compile", "reference": "torch"}
 _CHUNK = 2**16
 
 
-def dense_step(model: JumpReLUSAE, optimizer: torch.optim.Optimizer, x: Tensor, target_l0: float,
-               step: Callable | None = None, autocast: torch.dtype | None = None) -> list[float]:
+def dense_step(
+    model: JumpReLUSAE,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    target_l0: float,
+    step: Callable | None = None,
+    autocast: torch.dtype | None = None,
+) -> list[float]:
     """The trainer's dense step (`sae.dense_step.dense_update`) at a constant lr and coefficient; `step`: a
     compiled `dense_step_tensors`. The statistics are read back (`.item()`) outside the compiled region: a float
     on the stack after a graph break would make torch.compile recompile on every step."""
     return [t.item() for t in (step or dense_step_tensors)(model, optimizer, x, target_l0, autocast)]
 
 
-def dense_step_tensors(model: JumpReLUSAE, optimizer: torch.optim.Optimizer, x: Tensor, target_l0: float,
-                       autocast: torch.dtype | None = None) -> list[Tensor]:
+def dense_step_tensors(
+    model: JumpReLUSAE,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    target_l0: float,
+    autocast: torch.dtype | None = None,
+) -> list[Tensor]:
     """`dense_update` without its non-finite guard (a host synchronisation; the check verifies finiteness
     itself); returns the statistics as 0-dim tensors (STATS order). autocast: the forward and the loss under
     torch.autocast(x's device type, dtype=autocast), the usual mixed-precision recipe."""
     objective = Objective("target_l0", COEFFICIENT, target_l0)
     u = dense_update(model, optimizer, x, LR, objective, MAX_NORM, autocast=autocast, guard=None)
     loss = u.loss
-    return [loss.total.detach(), loss.reconstruction.detach(), loss.sparsity.detach(), u.forward.l0.detach().mean(),
-            u.explained_variance, u.grad_norm]
+    return [
+        loss.total.detach(),
+        loss.reconstruction.detach(),
+        loss.sparsity.detach(),
+        u.forward.l0.detach().mean(),
+        u.explained_variance,
+        u.grad_norm,
+    ]
 
 
-def _model(params: dict[str, Tensor], eps: float, backend: str, latents: Tensor | None = None,
-           dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None) -> JumpReLUSAE:
+def _model(
+    params: dict[str, Tensor],
+    eps: float,
+    backend: str,
+    latents: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
+) -> JumpReLUSAE:
     """A fresh SAE holding `params` (only `latents`' if given), built on their device."""
     D, F = params["W_enc"].shape
     F = F if latents is None else latents.numel()
@@ -130,8 +153,15 @@ class _Stepper:
     low: the 16-bit dtype of a `-bf16` (`-fp16`) case: the sparse step's compute_dtype, the dense step's autocast.
     """
 
-    def __init__(self, kind: str, params: dict[str, Tensor], eps: float, x: Tensor, target_l0: float,
-                 low: torch.dtype | None = None):
+    def __init__(
+        self,
+        kind: str,
+        params: dict[str, Tensor],
+        eps: float,
+        x: Tensor,
+        target_l0: float,
+        low: torch.dtype | None = None,
+    ):
         self.kind, self.x, self.target = kind, x, target_l0
         triton = kind == "triton"
         self.autocast = None if triton else low
@@ -165,8 +195,16 @@ class _Oracle(NamedTuple):
     clipped: dict[str, Tensor]  # `.grad` after the step: projected and clipped
 
 
-def _oracle(params: dict[str, Tensor], eps: float, latents: Tensor, x: Tensor, K: float, dtype: torch.dtype,
-            compute_dtype: torch.dtype | None = None, raw: bool = True) -> _Oracle:
+def _oracle(
+    params: dict[str, Tensor],
+    eps: float,
+    latents: Tensor,
+    x: Tensor,
+    K: float,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
+    raw: bool = True,
+) -> _Oracle:
     sub = _model(params, eps, "reference", latents, dtype, compute_dtype)
     xs = x.to(dtype)
     grads = None
@@ -178,8 +216,9 @@ def _oracle(params: dict[str, Tensor], eps: float, latents: Tensor, x: Tensor, K
         grads = {n: torch.zeros_like(p) if g is None else g for n, p, g in zip(PARAM_NAMES, leaves, found)}
         sub = _model(params, eps, "reference", latents, dtype, compute_dtype)
     stats = dense_step(sub, _adam(sub), xs, K)
-    return _Oracle(grads, stats, {n: getattr(sub, n).detach() for n in PARAM_NAMES},
-                   {n: getattr(sub, n).grad for n in PARAM_NAMES})
+    return _Oracle(
+        grads, stats, {n: getattr(sub, n).detach() for n in PARAM_NAMES}, {n: getattr(sub, n).grad for n in PARAM_NAMES}
+    )
 
 
 def _moved_outside(p: Tensor, p0: Tensor, latents: Tensor, dim: int) -> float:
@@ -190,20 +229,23 @@ def _moved_outside(p: Tensor, p0: Tensor, latents: Tensor, dim: int) -> float:
     for c0 in range(0, p.shape[dim], _CHUNK):
         n = min(_CHUNK, p.shape[dim] - c0)
         diff = (p.narrow(dim, c0, n) - p0.narrow(dim, c0, n)).abs()
-        sel = keep[c0:c0 + n]
+        sel = keep[c0 : c0 + n]
         diff = diff[sel] if dim == 0 else diff[:, sel]
         if diff.numel():
             worst = max(worst, diff.max().item())
     return worst / (p0.abs().max().item() or 1.0)
 
 
-def _untouched_and_moved(cmp: Comparison, model: JumpReLUSAE, p0: dict[str, Tensor], S: Tensor,
-                         after64: dict[str, Tensor]) -> float:
+def _untouched_and_moved(
+    cmp: Comparison, model: JumpReLUSAE, p0: dict[str, Tensor], S: Tensor, after64: dict[str, Tensor]
+) -> float:
     """Record that no latent outside S moved; return how far the oracle's parameters moved (relative, the least)."""
     for name in PARAM_NAMES:
         if LATENT_DIMS[name] is not None:
-            cmp.unchanged(f"{name} of untouched latents",
-                          _moved_outside(getattr(model, name).detach(), p0[name], S, LATENT_DIMS[name]))
+            cmp.unchanged(
+                f"{name} of untouched latents",
+                _moved_outside(getattr(model, name).detach(), p0[name], S, LATENT_DIMS[name]),
+            )
     start = _pick(p0, S)
     return min(scaled_err(after64[n], start[n]) for n in PARAM_NAMES)
 
@@ -224,24 +266,36 @@ def _check_step(size: str, kind: str, low: torch.dtype | None) -> Callable[[Env]
         if kind == "triton":
             from kernels.sparse_grads import sparse_loss_and_grads
 
-            compact = sparse_loss_and_grads(x, *(p0[n] for n in PARAM_NAMES), shape.eps,
-                                            Objective("target_l0", COEFFICIENT, K), compute_dtype=cd)
+            compact = sparse_loss_and_grads(
+                x, *(p0[n] for n in PARAM_NAMES), shape.eps, Objective("target_l0", COEFFICIENT, K), compute_dtype=cd
+            )
             cmp.exact("touched latents", compact.touched, S)
             if compact.touched.shape == S.shape:
                 for name in PARAM_NAMES:
-                    cmp.rule(f"gradient {name}", compact.grads._asdict()[name], o32.raw[name], o64.raw[name],
-                             M[f"gradient {name}"])
+                    cmp.rule(
+                        f"gradient {name}",
+                        compact.grads._asdict()[name],
+                        o32.raw[name],
+                        o64.raw[name],
+                        M[f"gradient {name}"],
+                    )
         stepper = _Stepper(kind, p0, shape.eps, x, K, low)
         stats = stepper()
         for name, got, r32, r64 in zip(STATS, stats, o32.stats, o64.stats):
             cmp.rule(name, got, r32, r64)
         for name in PARAM_NAMES:
             param = getattr(stepper.model, name)
-            cmp.rule(f"{name} after the step", _pick({name: param.detach()}, S)[name], o32.params[name],
-                     o64.params[name])
+            cmp.rule(
+                f"{name} after the step", _pick({name: param.detach()}, S)[name], o32.params[name], o64.params[name]
+            )
             if kind != "triton" and param.grad is not None:
-                cmp.rule(f"clipped gradient {name}", _pick({name: param.grad}, S)[name], o32.clipped[name],
-                         o64.clipped[name], M[f"clipped gradient {name}"])
+                cmp.rule(
+                    f"clipped gradient {name}",
+                    _pick({name: param.grad}, S)[name],
+                    o32.clipped[name],
+                    o64.clipped[name],
+                    M[f"clipped gradient {name}"],
+                )
         moved = _untouched_and_moved(cmp, stepper.model, p0, S, o64.params)
         return cmp.result(note=f"{S.numel()} touched latents; parameters moved by >= {moved:.1e} (relative)")
 
@@ -289,8 +343,9 @@ def autocast_allowed(name: str, low: torch.dtype, rows: int, D: int, T: int) -> 
     return _gamma(n, UNIT[low]) + _gamma(2 * (rows + D + T) + 8, U32)
 
 
-def _replay(params: dict[str, Tensor], eps: float, S: Tensor, grads: dict[str, Tensor],
-            dtype: torch.dtype) -> dict[str, Tensor]:
+def _replay(
+    params: dict[str, Tensor], eps: float, S: Tensor, grads: dict[str, Tensor], dtype: torch.dtype
+) -> dict[str, Tensor]:
     """`apply_update` on the sub-SAE of S with the given clipped gradients, in `dtype`: the parameters after it."""
     sub = _model(params, eps, "reference", S, dtype)
     for name in PARAM_NAMES:
@@ -325,7 +380,7 @@ def _check_autocast(size: str, kind: str, low: torch.dtype) -> Callable[[Env], C
         data = env.sae_data(SAE_SIZES[size])
         shape = data.shape
         ww = wide_window(data, min(data.check_rows, AUTOCAST_ROWS), low)
-        S, K, x = ww.touched, float(shape.K), data.x[:ww.rows].contiguous()
+        S, K, x = ww.touched, float(shape.K), data.x[: ww.rows].contiguous()
         p0 = dict(data.params(), threshold=ww.threshold)
         o64 = _oracle(p0, ww.eps, S, x, K, torch.float64, raw=False)
         cmp = Comparison(f"B={ww.rows} D={shape.D} F={shape.F}, eps {ww.eps:g}, autocast {SHORT[low]}")
@@ -348,12 +403,18 @@ def _check_autocast(size: str, kind: str, low: torch.dtype) -> Callable[[Env], C
             bound(f"clipped gradient {name}", clipped[name], o64.clipped[name])
         r32, r64 = (_replay(p0, ww.eps, S, clipped, dtype) for dtype in (torch.float32, torch.float64))
         for name in PARAM_NAMES:
-            cmp.rule(f"{name} after the step (update of its gradients)",
-                     _pick({name: getattr(model, name).detach()}, S)[name], r32[name], r64[name])
+            cmp.rule(
+                f"{name} after the step (update of its gradients)",
+                _pick({name: getattr(model, name).detach()}, S)[name],
+                r32[name],
+                r64[name],
+            )
         moved = _untouched_and_moved(cmp, model, p0, S, o64.params)
-        return cmp.result(note=f"checked at STE bandwidth {ww.eps:g} (each pre-activation >= its autocast error "
-                               f"bound, at most {ww.delta:.1e}, from every boundary: the exact decisions), "
-                               f"{S.numel()} touched latents; parameters moved by >= {moved:.1e} (relative)")
+        return cmp.result(
+            note=f"checked at STE bandwidth {ww.eps:g} (each pre-activation >= its autocast error "
+            f"bound, at most {ww.delta:.1e}, from every boundary: the exact decisions), "
+            f"{S.numel()} touched latents; parameters moved by >= {moved:.1e} (relative)"
+        )
 
     return check
 
@@ -375,8 +436,16 @@ def _prepare_step(size: str, kind: str, low: torch.dtype | None) -> Callable[[En
         # torch.compile: the reference's active_set reads max L0 back (.item()) and the frame resumed after that
         # graph break is recompiled for each new value up to dynamo's recompile limit (8), then runs eagerly;
         # 12 warm-up steps reach that steady state before timing.
-        return Workload(stepper, flops, nbytes, B, "fp32" if low is None else SHORT[low], note,
-                        min_warmup=12 if kind == "compile" else 2, extra=extra)
+        return Workload(
+            stepper,
+            flops,
+            nbytes,
+            B,
+            "fp32" if low is None else SHORT[low],
+            note,
+            min_warmup=12 if kind == "compile" else 2,
+            extra=extra,
+        )
 
     return prepare
 
@@ -388,9 +457,17 @@ def step_case(size: str, kind: str, low: torch.dtype | None = None, profiles: fr
     suffix = "" if low is None else f"-{SHORT[low]}"
     impl = kind + suffix
     check = _check_step(size, kind, low) if low is None or kind == "triton" else _check_autocast(size, kind, low)
-    return Case("step", size, impl, check, _prepare_step(size, kind, low),
-                profiles_for(size, impl) if profiles is None else profiles, _NEEDS[kind],
-                (f"reference{suffix}", f"compile{suffix}"), "fp32" if low is None else SHORT[low])
+    return Case(
+        "step",
+        size,
+        impl,
+        check,
+        _prepare_step(size, kind, low),
+        profiles_for(size, impl) if profiles is None else profiles,
+        _NEEDS[kind],
+        (f"reference{suffix}", f"compile{suffix}"),
+        "fp32" if low is None else SHORT[low],
+    )
 
 
 def cases() -> list[Case]:

@@ -91,8 +91,14 @@ class Comparison:
         self.errors: dict[str, dict[str, float]] = {}
         self.failures: list[tuple[float, str]] = []
 
-    def rule(self, name: str, got: Tensor | float, ref32: Tensor | float, ref64: Tensor | float,
-             magnitude: Tensor | float | None = None) -> None:
+    def rule(
+        self,
+        name: str,
+        got: Tensor | float,
+        ref32: Tensor | float,
+        ref64: Tensor | float,
+        magnitude: Tensor | float | None = None,
+    ) -> None:
         """The precision rule (module docstring), with the magnitudes M of ref64's elements if given."""
         ref = _f64(ref64)
         got, ref32 = _f64(got, ref.device), _f64(ref32, ref.device)
@@ -135,8 +141,9 @@ class Comparison:
         """A scaled error computed by the caller, against a bound stated by the caller."""
         self.errors[name] = {"error": err, "allowed": allowed}
         if not err <= allowed:
-            self.failures.append((err / allowed if allowed > 0 else float("inf"),
-                                  f"{name}: error {err:.2e} > allowed {allowed:.1e}"))
+            self.failures.append(
+                (err / allowed if allowed > 0 else float("inf"), f"{name}: error {err:.2e} > allowed {allowed:.1e}")
+            )
 
     def exact(self, name: str, got: Tensor, want: Tensor) -> None:
         """Discrete outputs: equal element for element."""
@@ -160,9 +167,17 @@ class Comparison:
 
 
 @torch.no_grad()
-def step_magnitudes(x: Tensor, params: dict[str, Tensor], eps: float, target: float, coefficient: float,
-                    compute_dtype: torch.dtype | None, max_norm: float, grad_norm: float,
-                    clipped: dict[str, Tensor]) -> dict[str, Tensor]:
+def step_magnitudes(
+    x: Tensor,
+    params: dict[str, Tensor],
+    eps: float,
+    target: float,
+    coefficient: float,
+    compute_dtype: torch.dtype | None,
+    max_norm: float,
+    grad_norm: float,
+    clipped: dict[str, Tensor],
+) -> dict[str, Tensor]:
     """float64 magnitudes M of the gradients the training-step check compares (bench/cases_step.py), on x [R, D]
     and the parameters before the step, for the target-L0 objective (loss = mean_b ||x_b - x_hat_b||^2 +
     c (m / target - 1)^2, m the mean L0); decisions (H: fires, window: |z - theta| < eps / 2) from z as the oracle
@@ -204,6 +219,7 @@ def step_magnitudes(x: Tensor, params: dict[str, Tensor], eps: float, target: fl
     norm = torch.sqrt(sum(t.pow(2).sum() for t in proj.values()))
     scale = min(1.0, max_norm / (grad_norm + 1e-6))
     out = {f"gradient {k}": v for k, v in M.items()}
-    out.update({f"clipped gradient {k}": scale * proj[k] + clipped[k].detach().double().abs() * (norm / grad_norm)
-                for k in M})
+    out.update(
+        {f"clipped gradient {k}": scale * proj[k] + clipped[k].detach().double().abs() * (norm / grad_norm) for k in M}
+    )
     return out

@@ -100,16 +100,21 @@ def lm_forward(config, layer: int, tokens: int, forwards: int, context: int, elt
     `tokens` tokens in all.
 
     FLOPs: 2 per weight per token for the attention projections (q and o: H * hd * d each; k and v:
-    KV * hd * d each) and the gated MLP (3 * d * I), plus eager attention's two [T, T] products per head
+    KV * hd * d each) and the gated MLP (3 * d * d_ff), plus eager attention's two [T, T] products per head
     (scores and weighted sum, 4 * context * H * hd per token: full rows, no causal saving). Norms, rotary
     embeddings and softmax are not counted. Bytes: every weight of those layers read once per forward, the
     embedding rows gathered and the hooked layer's output written (d * elt per token
     each). Padding is not modelled: rows are taken as full `context`-token rows.
     """
     text = config.get_text_config()
-    d, hd, H, KV, I = (text.hidden_size, text.head_dim, text.num_attention_heads, text.num_key_value_heads,
-                       text.intermediate_size)
+    d, hd, H, KV, d_ff = (
+        text.hidden_size,
+        text.head_dim,
+        text.num_attention_heads,
+        text.num_key_value_heads,
+        text.intermediate_size,
+    )
     layers = layer + 1
-    weights = layers * (2 * H * hd * d + 2 * KV * hd * d + 3 * d * I)
+    weights = layers * (2 * H * hd * d + 2 * KV * hd * d + 3 * d * d_ff)
     flops = 2 * weights * tokens + 4 * context * H * hd * layers * tokens
     return flops, forwards * weights * elt + 2 * tokens * d * elt

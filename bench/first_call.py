@@ -43,12 +43,36 @@ from bench import summary
 ROOT = Path(__file__).resolve().parents[1]
 GRACE_S = 15  # after SIGINT, before SIGKILL
 SUMMARY_RESERVE_S = 15
-KERNEL_TESTS = ("tests/gpu", "tests/test_kernels.py", "tests/test_kernels_mixed.py", "tests/test_sparse_step.py",
-                "tests/test_kernels_properties.py", "tests/test_sparse_adam.py")
+KERNEL_TESTS = (
+    "tests/gpu",
+    "tests/test_kernels.py",
+    "tests/test_kernels_mixed.py",
+    "tests/test_sparse_step.py",
+    "tests/test_kernels_properties.py",
+    "tests/test_sparse_adam.py",
+)
 TINY_TESTS = ("tests/gpu", "tests/test_kernels.py", "-k", "sparse_decode_matches or public_function")
-MODULES = ("torch", "triton", "numpy", "pytest", "hypothesis", "safetensors", "tqdm", "transformers", "bench.__main__",
-           "bench.cases_step", "bench.cases_kernels", "bench.cases_gemm", "bench.cases_harvest", "bench.static",
-           "bench.summary", "kernels.sae_step", "kernels.sparse_grads", "sae.sparse_step", "sae.trainer")
+MODULES = (
+    "torch",
+    "triton",
+    "numpy",
+    "pytest",
+    "hypothesis",
+    "safetensors",
+    "tqdm",
+    "transformers",
+    "bench.__main__",
+    "bench.cases_step",
+    "bench.cases_kernels",
+    "bench.cases_gemm",
+    "bench.cases_harvest",
+    "bench.static",
+    "bench.summary",
+    "kernels.sae_step",
+    "kernels.sparse_grads",
+    "sae.sparse_step",
+    "sae.trainer",
+)
 """Imported by the env stage (kernel modules after TRITON_INTERPRET is settled): each must be on the machine."""
 
 
@@ -88,20 +112,60 @@ def stages(out: Path, tiny: bool = False, workers: int | None = None) -> list[St
     bounds = {"env": 20, "a": 140, "bc": 110, "d1": 70, "d2": 55, "d3": 40, "f": 60}
     budgets = {k: v * scale for k, v in bounds.items()}
     step = [f"step/{s.mid}/{impl}" for impl in ("triton-bf16", "reference-bf16", "triton", "reference")]
-    kernels = [f"{op}/{s.mid}/{impl}" for op in ("encode", "threshold-grad", "decode") for impl in ("triton", "reference")]
+    kernels = [
+        f"{op}/{s.mid}/{impl}" for op in ("encode", "threshold-grad", "decode") for impl in ("triton", "reference")
+    ]
     return [
         Stage("env", budgets["env"], [sys.executable, "-m", "bench.first_call", "--env", str(out / "env.txt")]),
-        Stage("a", budgets["a"], [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEs",
-                                  "--durations=15", f"--junitxml={out / 'pytest.xml'}", *tests]),
-        _bench("bc", budgets["bc"], out, repeat, [
-            *step, f"encode/{s.mid}/triton-bf16", f"encode/{s.mid}/gemm-bf16", *kernels]),
-        _bench("d1", budgets["d1"], out, repeat, [f"step/{s.wide}/triton-bf16", f"step/{s.wide}/triton",
-                                                  f"encode/{s.wide}/triton-bf16", f"encode/{s.wide}/gemm-bf16"]),
-        _bench("d2", budgets["d2"], out, repeat, [f"step/{s.ref}/{i}" for i in (
-            "triton-bf16", "reference-bf16", "triton", "reference")]),
+        Stage(
+            "a",
+            budgets["a"],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-rfEs",
+                "--durations=15",
+                f"--junitxml={out / 'pytest.xml'}",
+                *tests,
+            ],
+        ),
+        _bench(
+            "bc",
+            budgets["bc"],
+            out,
+            repeat,
+            [*step, f"encode/{s.mid}/triton-bf16", f"encode/{s.mid}/gemm-bf16", *kernels],
+        ),
+        _bench(
+            "d1",
+            budgets["d1"],
+            out,
+            repeat,
+            [
+                f"step/{s.wide}/triton-bf16",
+                f"step/{s.wide}/triton",
+                f"encode/{s.wide}/triton-bf16",
+                f"encode/{s.wide}/gemm-bf16",
+            ],
+        ),
+        _bench(
+            "d2",
+            budgets["d2"],
+            out,
+            repeat,
+            [f"step/{s.ref}/{i}" for i in ("triton-bf16", "reference-bf16", "triton", "reference")],
+        ),
         _bench("d3", budgets["d3"], out, repeat, [f"step/{s.wide}/reference-bf16"], optional=True),
-        Stage("f", budgets["f"], [sys.executable, "-m", "bench", "--static", "--json", str(out / "static.json")],
-              optional=True),
+        Stage(
+            "f",
+            budgets["f"],
+            [sys.executable, "-m", "bench", "--static", "--json", str(out / "static.json")],
+            optional=True,
+        ),
     ]
 
 
@@ -141,12 +205,17 @@ def summarise(out: Path) -> int:
 
 def write_env(path: Path) -> int:
     """env.txt: what ran where. Run as its own stage (a child process): CUDA is initialised there, not here."""
-    lines = [f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
-             f"commit: {os.environ.get('COMMIT') or _git('rev-parse', 'HEAD')}",
-             f"working tree changes: {_git('status', '--porcelain') or 'none (or no .git here)'}",
-             f"python: {sys.version.split()[0]} at {sys.executable}", f"cpus: {os.cpu_count()}"]
-    query = "name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit," \
-            "temperature.gpu,persistence_mode,compute_mode"
+    lines = [
+        f"date: {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}",
+        f"commit: {os.environ.get('COMMIT') or _git('rev-parse', 'HEAD')}",
+        f"working tree changes: {_git('status', '--porcelain') or 'none (or no .git here)'}",
+        f"python: {sys.version.split()[0]} at {sys.executable}",
+        f"cpus: {os.cpu_count()}",
+    ]
+    query = (
+        "name,memory.total,memory.used,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,power.limit,"
+        "temperature.gpu,persistence_mode,compute_mode"
+    )
     lines.append(_cmd(["nvidia-smi", f"--query-gpu={query}", "--format=csv"]))
     failed = []
     for name in MODULES:
@@ -161,9 +230,11 @@ def write_env(path: Path) -> int:
 
         if torch.cuda.is_available():
             p = torch.cuda.get_device_properties(0)
-            lines.append(f"device: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
-                         f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB; "
-                         f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+            lines.append(
+                f"device: {p.name}, capability {p.major}.{p.minor}, {p.multi_processor_count} SMs, "
+                f"{p.total_memory / 2**30:.1f} GiB, L2 {getattr(p, 'L2_cache_size', 0) / 2**20:.0f} MiB; "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda}"
+            )
         else:
             lines.append("device: no CUDA device (a CPU rehearsal)")
     except Exception as e:  # noqa: BLE001
@@ -193,9 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.first_call", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=os.environ.get("OUT") or str(ROOT / "bench" / "results" / "first-call"))
     p.add_argument("--tiny", action="store_true", help="rehearse on a CPU: interpreter, tiny sizes, a few tests")
-    p.add_argument("--total-s", type=float, default=None, help="the whole call's budget (default 420; 1800 with --tiny)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="pytest-xdist workers for stage a (default 4 where xdist is installed, else none)")
+    p.add_argument(
+        "--total-s", type=float, default=None, help="the whole call's budget (default 420; 1800 with --tiny)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="pytest-xdist workers for stage a (default 4 where xdist is installed, else none)",
+    )
     p.add_argument("--only", action="append", metavar="STAGE", help="run these stages only (env a bc d1 d2 d3 e f)")
     p.add_argument("--env", metavar="PATH", help=argparse.SUPPRESS)  # the env stage's child
     args = p.parse_args(argv)
@@ -222,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         codes[stage.name] = run_stage(stage, budget)
         if stage.name == "a" and codes["a"] == 4 and "-n" in stage.argv:  # pytest's usage error: xdist did not load
             i = stage.argv.index("-n")
-            plain = stage._replace(argv=stage.argv[:i] + stage.argv[i + 4:])
+            plain = stage._replace(argv=stage.argv[:i] + stage.argv[i + 4 :])
             codes["a"] = run_stage(plain, min(plain.budget_s, deadline - time.time() - SUMMARY_RESERVE_S))
     if (not args.only or "e" in args.only) and (not summarised or "d3" in codes and codes["d3"] != "not run"):
         codes["e"] = summarise(out)

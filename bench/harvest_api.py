@@ -21,10 +21,19 @@ class Batches:
     """The harvester's stream of float32 activation batches [batch_size, d_in] on `device`; `close` stops its
     background threads (harvesting ahead, tokenising ahead)."""
 
-    def __init__(self, model: nn.Module, tokenizer, model_cfg: ModelConfig, data_cfg: DataConfig,
-                 buffer_cfg: BufferConfig, batch_size: int, device: torch.device):
-        self.harvester = Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=batch_size, device=device,
-                                   lm=(model, tokenizer), progress=False)
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        buffer_cfg: BufferConfig,
+        batch_size: int,
+        device: torch.device,
+    ):
+        self.harvester = Harvester(
+            model_cfg, data_cfg, buffer_cfg, batch_size=batch_size, device=device, lm=(model, tokenizer), progress=False
+        )
         self._batches: Iterator[Tensor] = iter(self.harvester)
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -61,9 +70,18 @@ class TrainerFeed:
     `target_l0`), which its first step then trains on, as a run does.
     """
 
-    def __init__(self, source: Iterable[Tensor], model_cfg: ModelConfig, data_cfg: DataConfig,
-                 buffer_cfg: BufferConfig, batch_size: int, d_sae: int, target_l0: float, device: torch.device,
-                 backend: str):
+    def __init__(
+        self,
+        source: Iterable[Tensor],
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        buffer_cfg: BufferConfig,
+        batch_size: int,
+        d_sae: int,
+        target_l0: float,
+        device: torch.device,
+        backend: str,
+    ):
         from sae.config import (
             ObjectiveConfig,
             OptimConfig,

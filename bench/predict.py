@@ -44,8 +44,14 @@ class Ceilings(NamedTuple):
 
 
 H100 = Ceilings("H100 SXM", 989.0, 67.0, 3.35, "datasheet: dense bf16, HBM3")
-H200 = Ceilings("H200", 989.0, 67.0, 4.8, "datasheet (H200.md: the H100's rates, HBM3e); seen here (KINDS.md): cuBLAS "
-                "bf16 8192^3 on random data at 769-798 TFLOP/s, a device-to-device copy at 4.3 TB/s")
+H200 = Ceilings(
+    "H200",
+    989.0,
+    67.0,
+    4.8,
+    "datasheet (H200.md: the H100's rates, HBM3e); seen here (KINDS.md): cuBLAS "
+    "bf16 8192^3 on random data at 769-798 TFLOP/s, a device-to-device copy at 4.3 TB/s",
+)
 
 
 class Rates(NamedTuple):
@@ -143,7 +149,9 @@ def sparse_step_parts(B: int, D: int, F: int, K: int, W: float, T: float, elt: i
         Part("LazyAdam + projection + renorm", 10 * 2 * D * T, 72 * 4 * D * T, "fp32", RATES.lazy_adam),
     ]
     if elt < FP32:
-        parts.append(Part("bf16 casts (x, touched copies)", 0, (B * D + 2 * T * D) * (FP32 + elt), "fp32", RATES.stream))
+        parts.append(
+            Part("bf16 casts (x, touched copies)", 0, (B * D + 2 * T * D) * (FP32 + elt), "fp32", RATES.stream)
+        )
     parts.append(Part("small ops, syncs", 0, 0, "fp32", 1.0, RATES.sparse_fixed_ms * 1e-3))
     return tuple(parts)
 
@@ -152,8 +160,13 @@ def dense_step_parts(B: int, D: int, F: int, elt: int) -> tuple[Part, ...]:
     """The dense reference step's parts: its 6 GEMMs, its unfused [B, F] ops, torch's Adam, autocast's casts."""
     bf16 = elt < FP32
     parts = [
-        Part("6 GEMMs", 12 * B * D * F, 2 * elt * B * D + 4 * elt * D * F + 4 * elt * B * F, "bf16" if bf16 else "fp32",
-             RATES.cublas if bf16 else RATES.cublas_fp32),
+        Part(
+            "6 GEMMs",
+            12 * B * D * F,
+            2 * elt * B * D + 4 * elt * D * F + 4 * elt * B * F,
+            "bf16" if bf16 else "fp32",
+            RATES.cublas if bf16 else RATES.cublas_fp32,
+        ),
         Part("[B, F] elementwise", 0, DENSE_BF_BYTES * B * F, "fp32", RATES.stream),
         Part("Adam + projection + renorm", 10 * 2 * D * F, 58 * 4 * D * F, "fp32", RATES.stream),
     ]
@@ -212,28 +225,64 @@ def _kernel_rows(size: str) -> list[Row]:
 
     for elt, dt, rate in ((BF16, "bf16", RATES.encode_bf16), (FP32, "fp32", RATES.encode_fp32)):
         cost = counts.encode_sparse(B, D, F, K, W, elt)
-        add("fused encode", dt, cost, Part("encode", *cost, dt, rate),
-            "compute-bound (2B FLOPs per W_enc element read); Triton tile 64x128x64, 4 warps, spilling epilogue", elt)
+        add(
+            "fused encode",
+            dt,
+            cost,
+            Part("encode", *cost, dt, rate),
+            "compute-bound (2B FLOPs per W_enc element read); Triton tile 64x128x64, 4 warps, spilling epilogue",
+            elt,
+        )
     cost = counts.gemm(B, D, F, BF16)
-    add("plain GEMM x @ W_enc", "bf16", cost, Part("gemm", *cost, "bf16", RATES.cublas),
-        "cuBLAS at the rate seen on the H200 here; writing its bf16 [B, F] output overlaps the product", BF16)
+    add(
+        "plain GEMM x @ W_enc",
+        "bf16",
+        cost,
+        Part("gemm", *cost, "bf16", RATES.cublas),
+        "cuBLAS at the rate seen on the H200 here; writing its bf16 [B, F] output overlaps the product",
+        BF16,
+    )
     cost = counts.encode_dense(B, D, F)
-    add("dense encode (reference)", "fp32", cost, Part("encode", cost[0], cost[1] + 9 * B * F, "fp32",
-                                                       RATES.cublas_fp32),
-        "fp32 cuBLAS GEMM, then ~9 bytes per [B, F] element of mask passes (no_grad)")
+    add(
+        "dense encode (reference)",
+        "fp32",
+        cost,
+        Part("encode", cost[0], cost[1] + 9 * B * F, "fp32", RATES.cublas_fp32),
+        "fp32 cuBLAS GEMM, then ~9 bytes per [B, F] element of mask passes (no_grad)",
+    )
     cost = _gather(B, D, K, BF16)
-    add("sparse decode (forward)", "bf16", cost, Part("gather", *cost, "fp32", RATES.gather),
-        "memory-bound row gather (K bf16 decoder rows per token)")
+    add(
+        "sparse decode (forward)",
+        "bf16",
+        cost,
+        Part("gather", *cost, "fp32", RATES.gather),
+        "memory-bound row gather (K bf16 decoder rows per token)",
+    )
     add("gather-dot", "bf16", cost, Part("gather", *cost, "fp32", RATES.gather), "memory-bound, as the decode")
     cost = latent_grads.flops_and_bytes(B, D, F, K)
-    add("latent grads", "fp32", cost, Part("pairs", *cost, "fp32", RATES.latent_grads),
-        "memory-bound gathers of fp32 g and x rows per pair; few pairs per latent, masked lanes")
+    add(
+        "latent grads",
+        "fp32",
+        cost,
+        Part("pairs", *cost, "fp32", RATES.latent_grads),
+        "memory-bound gathers of fp32 g and x rows per pair; few pairs per latent, masked lanes",
+    )
     cost = threshold_grad.flops_and_bytes(B, D, F, round(W))
-    add("threshold grad", "fp32", cost, Part("window", *cost, "fp32", RATES.gather, 10e-6),
-        "a few hundred window pairs per batch: one launch (~10 us)")
+    add(
+        "threshold grad",
+        "fp32",
+        cost,
+        Part("window", *cost, "fp32", RATES.gather, 10e-6),
+        "a few hundred window pairs per batch: one launch (~10 us)",
+    )
     cost = counts.decode(B, D, F, K)
-    add("sparse decode fwd+bwd", "fp32", cost, Part("decode", *cost, "fp32", RATES.gather),
-        "bench case decode/*/triton: the zero-filled dense [F, D] decoder gradient dominates at 2^20")
+    add(
+        "sparse decode fwd+bwd",
+        "fp32",
+        cost,
+        Part("decode", *cost, "fp32", RATES.gather),
+        "bench case decode/*/triton: the zero-filled dense [F, D] decoder gradient dominates at 2^20",
+    )
     return out
 
 
@@ -244,12 +293,24 @@ def _step_rows(size: str) -> list[Row]:
     out = []
     for elt, dt in ((BF16, "bf16"), (FP32, "fp32")):
         out += [
-            Row("sparse step + LazyAdam", size, dt, *counts.step_sparse(B, D, F, K, W, round(T), elt),
-                sparse_step_parts(B, D, F, K, W, T, elt), step_memory(B, D, F, T, elt, dense=False),
-                f"T = {T / F:.2f} F touched latents: the optimizer's 72 * 4 * D * T bytes weigh most"),
-            Row("dense reference step", size, dt, *counts.step_dense(B, D, F, elt), dense_step_parts(B, D, F, elt),
+            Row(
+                "sparse step + LazyAdam",
+                size,
+                dt,
+                *counts.step_sparse(B, D, F, K, W, round(T), elt),
+                sparse_step_parts(B, D, F, K, W, T, elt),
+                step_memory(B, D, F, T, elt, dense=False),
+                f"T = {T / F:.2f} F touched latents: the optimizer's 72 * 4 * D * T bytes weigh most",
+            ),
+            Row(
+                "dense reference step",
+                size,
+                dt,
+                *counts.step_dense(B, D, F, elt),
+                dense_step_parts(B, D, F, elt),
                 step_memory(B, D, F, T, elt, dense=True),
-                f"{DENSE_BF_BYTES} B per [B, F] element of unfused autograd ops, then Adam over all F latents"),
+                f"{DENSE_BF_BYTES} B per [B, F] element of unfused autograd ops, then Adam over all F latents",
+            ),
         ]
     return out
 
@@ -257,7 +318,8 @@ def _step_rows(size: str) -> list[Row]:
 def rows() -> list[Row]:
     """Every kernel at 65k and 2^20 latents, then both steps at 65k, 262k and 2^20."""
     return [r for size in ("65k", "1m") for r in _kernel_rows(size)] + [
-        r for size in ("65k", "262k", "1m") for r in _step_rows(size)]
+        r for size in ("65k", "262k", "1m") for r in _step_rows(size)
+    ]
 
 
 def _num(x: float) -> str:
@@ -270,15 +332,19 @@ def _ms(s: float) -> str:
 
 
 def table(found: list[Row]) -> str:
-    head = ("| kernel | F | operands | GFLOP | GB moved (min) | FLOP/B | floor H100 ms | floor H200 ms | "
-            "expected H100 ms | expected H200 ms | memory GB | measured H200 ms |")
+    head = (
+        "| kernel | F | operands | GFLOP | GB moved (min) | FLOP/B | floor H100 ms | floor H200 ms | "
+        "expected H100 ms | expected H200 ms | memory GB | measured H200 ms |"
+    )
     lines = [head, "|" + "---|" * 12]
     for r in found:
         f100, b100 = r.floor(H100)
         f200, _ = r.floor(H200)
-        lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {_num(r.flops / 1e9)} | {_num(r.nbytes / GB)} | "
-                     f"{_num(r.flops / r.nbytes)} | {_ms(f100)} ({b100}) | {_ms(f200)} | {_ms(r.expected(H100))} | "
-                     f"{_ms(r.expected(H200))} | {_num(r.memory / GB)} | |")
+        lines.append(
+            f"| {r.kernel} | {r.size} | {r.dtype} | {_num(r.flops / 1e9)} | {_num(r.nbytes / GB)} | "
+            f"{_num(r.flops / r.nbytes)} | {_ms(f100)} ({b100}) | {_ms(f200)} | {_ms(r.expected(H100))} | "
+            f"{_ms(r.expected(H200))} | {_num(r.memory / GB)} | |"
+        )
     return "\n".join(lines)
 
 
@@ -289,8 +355,9 @@ def step_parts_table(found: list[Row]) -> str:
         if "step" not in r.kernel or r.dtype != "bf16":
             continue
         for p in r.parts:
-            lines.append(f"| {r.kernel} | {r.size} | {r.dtype} | {p.what} | {_num(p.nbytes / GB)} | "
-                         f"{_ms(p.seconds(H200))} |")
+            lines.append(
+                f"| {r.kernel} | {r.size} | {r.dtype} | {p.what} | {_num(p.nbytes / GB)} | {_ms(p.seconds(H200))} |"
+            )
     return "\n".join(lines)
 
 
@@ -301,25 +368,32 @@ def targets(found: list[Row]) -> str:
     for size, need in (("65k", 3.0), ("262k", None), ("1m", 5.0)):
         sparse, dense = by[("sparse step + LazyAdam", size, "bf16")], by[("dense reference step", size, "bf16")]
         ratio = [dense.expected(c) / sparse.expected(c) for c in (H100, H200)]
-        lines.append(f"| step speed-up, bf16 | {size} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | "
-                     f"{'-' if need is None else f'>= {need:g}x'} |")
+        lines.append(
+            f"| step speed-up, bf16 | {size} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | "
+            f"{'-' if need is None else f'>= {need:g}x'} |"
+        )
     for size in ("65k", "1m"):
         enc, gemm = by[("fused encode", size, "bf16")], by[("plain GEMM x @ W_enc", size, "bf16")]
         ratio = [gemm.expected(c) / enc.expected(c) for c in (H100, H200)]
         lines.append(f"| fused encode / plain GEMM | {size} | {ratio[0]:.0%} | {ratio[1]:.0%} | >= 75% |")
     for size in ("65k", "262k", "1m"):
         sparse, dense = by[("sparse step + LazyAdam", size, "bf16")], by[("dense reference step", size, "bf16")]
-        lines.append(f"| step memory sparse / dense | {size} | {sparse.memory / dense.memory:.2f} "
-                     f"({sparse.memory / GB:,.3g} / {dense.memory / GB:,.3g} GB) | same | <= 0.5 |")
+        lines.append(
+            f"| step memory sparse / dense | {size} | {sparse.memory / dense.memory:.2f} "
+            f"({sparse.memory / GB:,.3g} / {dense.memory / GB:,.3g} GB) | same | <= 0.5 |"
+        )
     sparse = by[("sparse step + LazyAdam", "1m", "bf16")]
     lines.append(f"| 2^20 step on an 80 GB card | 1m | {sparse.memory / GB:,.3g} GB | same | <= 80 GB |")
     for size in ("65k", "1m"):
         dense, sparse = by[("dense reference step", size, "bf16")], by[("sparse step + LazyAdam", size, "bf16")]
-        for name, fixes in (("fused LazyAdam", what_if(sparse, optimizer=True)),
-                            ("fused LazyAdam + encode at 70%", what_if(sparse, optimizer=True, encode=True))):
+        for name, fixes in (
+            ("fused LazyAdam", what_if(sparse, optimizer=True)),
+            ("fused LazyAdam + encode at 70%", what_if(sparse, optimizer=True, encode=True)),
+        ):
             ratio = [dense.expected(c) / sum(p.seconds(c) for p in fixes) for c in (H100, H200)]
-            lines.append(f"| step speed-up, bf16, with {name} (what-if) | {size} | {ratio[0]:.2f}x | "
-                         f"{ratio[1]:.2f}x | |")
+            lines.append(
+                f"| step speed-up, bf16, with {name} (what-if) | {size} | {ratio[0]:.2f}x | {ratio[1]:.2f}x | |"
+            )
     return "\n".join(lines)
 
 
@@ -344,30 +418,54 @@ def what_if(sparse: Row, optimizer: bool = False, encode: bool = False) -> tuple
 
 def report() -> str:
     found = rows()
-    ceilings = "\n".join(f"- {c.name}: {c.bf16_tflops:g} TFLOP/s bf16, {c.fp32_tflops:g} fp32, {c.hbm_tbs:g} TB/s "
-                         f"({c.source})" for c in (H100, H200))
+    ceilings = "\n".join(
+        f"- {c.name}: {c.bf16_tflops:g} TFLOP/s bf16, {c.fp32_tflops:g} fp32, {c.hbm_tbs:g} TB/s ({c.source})"
+        for c in (H100, H200)
+    )
     sizes = []
     for s in ("65k", "262k", "1m"):
         B, D, F, K, eps = SAE_SIZES[s]
         W = window_pairs(K, F, eps)
-        sizes.append(f"- {s}: B {B}, D {D}, F {F:,}, K {K}, eps {eps:g}: W {W:.2f} window pairs per row, "
-                     f"T {touched_latents(B, F, K, W):,.0f} touched latents per batch")
-    reasons = dict.fromkeys(f"- {r.kernel} ({r.size}): {r.reason}" if "step" in r.kernel else
-                            f"- {r.kernel}: {r.reason}" for r in found)
-    return "\n\n".join([
-        "Ceilings:\n" + ceilings, "Sizes:\n" + "\n".join(sizes), "Kernels and steps:\n" + table(found),
-        "Reasons for the expectations:\n" + "\n".join(reasons), "Where the steps' time goes:\n" + step_parts_table(found),
-        "Targets:\n" + targets(found),
-    ])
+        sizes.append(
+            f"- {s}: B {B}, D {D}, F {F:,}, K {K}, eps {eps:g}: W {W:.2f} window pairs per row, "
+            f"T {touched_latents(B, F, K, W):,.0f} touched latents per batch"
+        )
+    reasons = dict.fromkeys(
+        f"- {r.kernel} ({r.size}): {r.reason}" if "step" in r.kernel else f"- {r.kernel}: {r.reason}" for r in found
+    )
+    return "\n\n".join(
+        [
+            "Ceilings:\n" + ceilings,
+            "Sizes:\n" + "\n".join(sizes),
+            "Kernels and steps:\n" + table(found),
+            "Reasons for the expectations:\n" + "\n".join(reasons),
+            "Where the steps' time goes:\n" + step_parts_table(found),
+            "Targets:\n" + targets(found),
+        ]
+    )
 
 
 def main(json_path: str | None = None) -> int:
     print(report())
     if json_path:
-        doc = [{"kernel": r.kernel, "size": r.size, "dtype": r.dtype, "flops": r.flops, "bytes": r.nbytes,
-                "floor_h100_s": r.floor(H100)[0], "bound_h100": r.floor(H100)[1], "floor_h200_s": r.floor(H200)[0],
-                "expected_h100_s": r.expected(H100), "expected_h200_s": r.expected(H200), "memory_bytes": r.memory,
-                "parts": [p._asdict() for p in r.parts], "reason": r.reason} for r in rows()]
+        doc = [
+            {
+                "kernel": r.kernel,
+                "size": r.size,
+                "dtype": r.dtype,
+                "flops": r.flops,
+                "bytes": r.nbytes,
+                "floor_h100_s": r.floor(H100)[0],
+                "bound_h100": r.floor(H100)[1],
+                "floor_h200_s": r.floor(H200)[0],
+                "expected_h100_s": r.expected(H100),
+                "expected_h200_s": r.expected(H200),
+                "memory_bytes": r.memory,
+                "parts": [p._asdict() for p in r.parts],
+                "reason": r.reason,
+            }
+            for r in rows()
+        ]
         with open(json_path, "w") as f:
             json.dump(doc, f, indent=2)
         print(f"wrote {json_path}")

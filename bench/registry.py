@@ -20,15 +20,29 @@ if TYPE_CHECKING:
     from bench.env import Env
 
 OP_ORDER = ("harvest", "step", "encode", "threshold-grad", "decode")
-IMPL_ORDER = ("triton", "reference", "compile", "triton-bf16", "reference-bf16", "compile-bf16", "bare", "harvester",
-              "harvester+train")
+IMPL_ORDER = (
+    "triton",
+    "reference",
+    "compile",
+    "triton-bf16",
+    "reference-bf16",
+    "compile-bf16",
+    "bare",
+    "harvester",
+    "harvester+train",
+)
 Profile = Literal["cuda", "cpu", "quick"]
 PROFILES: tuple[str, ...] = get_args(Profile)
 Needs = Literal["triton", "compile", "torch"]
 """What a case runs on: Triton kernels (compiled on CUDA, interpreted and untimed on the CPU), torch.compile, or
 plain PyTorch."""
-_DEFAULT_PROFILES = {"offline": ("cuda", "cpu", "quick"), "16k": ("cuda",), "65k": ("cuda",), "262k": ("cuda",),
-                     "1m": ("cuda",)}
+_DEFAULT_PROFILES = {
+    "offline": ("cuda", "cpu", "quick"),
+    "16k": ("cuda",),
+    "65k": ("cuda",),
+    "262k": ("cuda",),
+    "1m": ("cuda",),
+}
 
 
 def profiles_for(size: str, impl: str = "") -> frozenset[str]:
@@ -102,7 +116,9 @@ def select(cases: list[Case], patterns: list[str] | None, profile: str) -> list[
         hits = [c for c in cases if fnmatch.fnmatchcase(c.name, pattern)]
         if not hits:
             names = "\n  ".join(c.name for c in cases)
-            raise UnknownCase(f"--case {pattern!r} matches no case. Valid cases (globs allowed, e.g. "
-                              f"'step/16k/*' or '*/offline/reference'):\n  {names}")
+            raise UnknownCase(
+                f"--case {pattern!r} matches no case. Valid cases (globs allowed, e.g. "
+                f"'step/16k/*' or '*/offline/reference'):\n  {names}"
+            )
         chosen += [c for c in hits if c not in chosen]
     return sorted(chosen, key=Case.order)

@@ -35,8 +35,16 @@ def _failure(rec: dict, stage: str, error: BaseException) -> None:
 
 
 def run_case(case: Case, env: Env) -> dict[str, Any]:
-    rec: dict[str, Any] = {"case": case.name, "op": case.op, "size": case.size, "impl": case.impl,
-                           "status": None, "reason": "", "check": None, "timing": None}
+    rec: dict[str, Any] = {
+        "case": case.name,
+        "op": case.op,
+        "size": case.size,
+        "impl": case.impl,
+        "status": None,
+        "reason": "",
+        "check": None,
+        "timing": None,
+    }
     if case.needs == "triton" and env.kernels == "unavailable":
         rec["status"], rec["reason"] = "not run", env.kernels_reason
         return rec
@@ -44,8 +52,13 @@ def run_case(case: Case, env: Env) -> dict[str, Any]:
         rec["status"], rec["reason"] = "not run", "not run: bf16 needs a GPU (the interpreter cannot read bf16)"
         return rec
     if case.needs == "compile" and env.quick:
-        rec["status"], rec["reason"] = "not run", ("--quick skips torch.compile: compiling takes tens of seconds "
-                                                   "per case on a CPU; the full profile includes it")
+        rec["status"], rec["reason"] = (
+            "not run",
+            (
+                "--quick skips torch.compile: compiling takes tens of seconds "
+                "per case on a CPU; the full profile includes it"
+            ),
+        )
         return rec
     if env.deadline is not None and time.time() > env.deadline:
         rec["status"], rec["reason"] = "not run", "over the --max-minutes budget"
@@ -59,8 +72,13 @@ def run_case(case: Case, env: Env) -> dict[str, Any]:
         return rec
     finally:
         release(env.device)
-    rec["check"] = {"ok": check.ok, "shape": check.shape, "errors": check.errors, "failures": check.failures,
-                    "note": check.note}
+    rec["check"] = {
+        "ok": check.ok,
+        "shape": check.shape,
+        "errors": check.errors,
+        "failures": check.failures,
+        "note": check.note,
+    }
     if not check.ok:
         rec["status"], rec["reason"] = "MISMATCH", check.summary()
         return rec

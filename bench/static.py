@@ -55,8 +55,14 @@ class Resources(NamedTuple):
     stack_frame: int
 
 
-ENCODE_TILES = [(64, 128, 64, 4), (64, 64, 64, 4), (128, 128, 64, 4), (64, 128, 64, 8), (128, 128, 64, 8),
-                (128, 256, 64, 8)]
+ENCODE_TILES = [
+    (64, 128, 64, 4),
+    (64, 64, 64, 4),
+    (128, 128, 64, 4),
+    (64, 128, 64, 8),
+    (128, 128, 64, 8),
+    (128, 256, 64, 8),
+]
 """(BLOCK_B, BLOCK_F, BLOCK_D, num_warps) of the encode: the default first, then those GPU_NOTES.md compares."""
 
 
@@ -65,31 +71,69 @@ def configs() -> list[Config]:
     counters = {k: "*i32" for k in ("p_idx", "p_cnt", "p_win", "p_wcnt", "p_fire")}
     pairs = {k: "*i64" for k in ("p_lat", "p_orow", "p_start", "p_rows", "p_slots")}
     out = []
-    for ops, x, dot, precision in (("bf16+fp32", "*bf16", "tl.bfloat16", "tf32"), ("fp32", "*fp32", "tl.float32",
-                                                                                    "ieee")):
+    for ops, x, dot, precision in (
+        ("bf16+fp32", "*bf16", "tl.bfloat16", "tf32"),
+        ("fp32", "*fp32", "tl.float32", "ieee"),
+    ):
         tiles = ENCODE_TILES if ops == "bf16+fp32" else ENCODE_TILES[:1]
         for i, (bb, bf, bd, warps) in enumerate(tiles):
-            out.append(Config(f"encode/{ops}/{bb}x{bf}x{bd}-w{warps}s{NUM_STAGES}", "kernels.jumprelu_encode",
-                              "_jumprelu_encode_kernel", {"p_x": x, "p_w": x, **counters},
-                              {"OP_DTYPE": dot, "DOT_DTYPE": dot, "PRECISION": precision, "BLOCK_B": bb,
-                               "BLOCK_F": bf, "BLOCK_D": bd}, warps, production=i == 0))
+            out.append(
+                Config(
+                    f"encode/{ops}/{bb}x{bf}x{bd}-w{warps}s{NUM_STAGES}",
+                    "kernels.jumprelu_encode",
+                    "_jumprelu_encode_kernel",
+                    {"p_x": x, "p_w": x, **counters},
+                    {
+                        "OP_DTYPE": dot,
+                        "DOT_DTYPE": dot,
+                        "PRECISION": precision,
+                        "BLOCK_B": bb,
+                        "BLOCK_F": bf,
+                        "BLOCK_D": bd,
+                    },
+                    warps,
+                    production=i == 0,
+                )
+            )
         rows = {"p_idx": "*i64", "p_cnt": "*i32", "p_w": x}
         tile = f"32x128-w4s{NUM_STAGES}"
         out += [
-            Config(f"decode/{ops}/{tile}", "kernels.sparse_decode", "_sparse_decode_kernel", rows,
-                   {"HAS_BIAS": True, "BLOCK_K": 32, "BLOCK_D": 128}),
-            Config(f"gather-dot/{ops}/{tile}", "kernels.sparse_decode", "_gather_dot_kernel", rows,
-                   {"BLOCK_K": 32, "BLOCK_D": 128}),
-            Config(f"latent-grads/{ops}/{tile}", "kernels.latent_grads", "_latent_grads_kernel", {**pairs, "p_x": x},
-                   {"HAS_ENC": True, "XC_DTYPE": dot, "BLOCK_P": 32, "BLOCK_D": 128}),
-            Config(f"threshold-grad/{ops}/{tile}", "kernels.threshold_grad", "_threshold_grad_kernel",
-                   {**pairs, "p_wdec": x}, {"BLOCK_P": 32, "BLOCK_D": 128}),
+            Config(
+                f"decode/{ops}/{tile}",
+                "kernels.sparse_decode",
+                "_sparse_decode_kernel",
+                rows,
+                {"HAS_BIAS": True, "BLOCK_K": 32, "BLOCK_D": 128},
+            ),
+            Config(
+                f"gather-dot/{ops}/{tile}",
+                "kernels.sparse_decode",
+                "_gather_dot_kernel",
+                rows,
+                {"BLOCK_K": 32, "BLOCK_D": 128},
+            ),
+            Config(
+                f"latent-grads/{ops}/{tile}",
+                "kernels.latent_grads",
+                "_latent_grads_kernel",
+                {**pairs, "p_x": x},
+                {"HAS_ENC": True, "XC_DTYPE": dot, "BLOCK_P": 32, "BLOCK_D": 128},
+            ),
+            Config(
+                f"threshold-grad/{ops}/{tile}",
+                "kernels.threshold_grad",
+                "_threshold_grad_kernel",
+                {**pairs, "p_wdec": x},
+                {"BLOCK_P": 32, "BLOCK_D": 128},
+            ),
         ]
     return out
 
 
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)'")
-_PROPS = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads")
+_PROPS = re.compile(
+    r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill loads"
+)
 _USED = re.compile(r"Used (?P<regs>\d+) registers")
 
 
@@ -146,8 +190,9 @@ def _compile(config: Config) -> dict[str, Any]:
     from triton.compiler import ASTSource
 
     fn = getattr(importlib.import_module(config.module), config.kernel)
-    constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
-                  for k, v in config.constexprs.items()}
+    constexprs = {
+        k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v for k, v in config.constexprs.items()
+    }
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -161,16 +206,26 @@ def _compile(config: Config) -> dict[str, Any]:
         knobs.dump_ptxas_log = True
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured):
-        kernel = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": config.num_warps, "num_stages": NUM_STAGES})
+        kernel = triton.compile(
+            ASTSource(fn, sig, constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": config.num_warps, "num_stages": NUM_STAGES},
+        )
     log, source = captured.getvalue(), "triton's ptxas run"
     if "Compiling entry function" not in log:
         log, source = _rerun_ptxas(kernel.asm["ptx"]), "ptxas -v on triton's PTX"
     res = parse_ptxas(log, fn.__name__)
-    return {"name": config.name, "production": config.production, "num_warps": config.num_warps,
-            "num_stages": NUM_STAGES, **res._asdict(), "shared_bytes": kernel.metadata.shared,
-            "i32_offset_products": i32_offset_products(kernel.asm["ttir"]), "source": source,
-            "ptxas": log.strip()}
+    return {
+        "name": config.name,
+        "production": config.production,
+        "num_warps": config.num_warps,
+        "num_stages": NUM_STAGES,
+        **res._asdict(),
+        "shared_bytes": kernel.metadata.shared,
+        "i32_offset_products": i32_offset_products(kernel.asm["ttir"]),
+        "source": source,
+        "ptxas": log.strip(),
+    }
 
 
 def _rerun_ptxas(ptx: str) -> str:
@@ -184,8 +239,20 @@ def _rerun_ptxas(ptx: str) -> str:
         errors = []
         for tool in ("ptxas-blackwell", "ptxas"):
             if (bindir / tool).exists():
-                run = subprocess.run([str(bindir / tool), "-lineinfo", "-v", "--gpu-name=sm_90a", str(src), "-o",
-                                      str(Path(tmp) / "k.o")], capture_output=True, text=True, check=False)
+                run = subprocess.run(
+                    [
+                        str(bindir / tool),
+                        "-lineinfo",
+                        "-v",
+                        "--gpu-name=sm_90a",
+                        str(src),
+                        "-o",
+                        str(Path(tmp) / "k.o"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if run.returncode == 0:
                     return run.stdout + run.stderr
                 errors.append(f"{tool}: {run.stderr.strip()[-500:]}")
@@ -206,13 +273,19 @@ def compile_all(patterns: list[str] | None = None, jobs: int | None = None) -> l
 
 
 def table(results: list[dict[str, Any]], triton_version: str) -> str:
-    lines = [(f"Kernels compiled for sm_90 (Triton {triton_version}); registers per thread, spill bytes per thread, "
-              "shared memory per program; * = the tile the library launches"),
-             f"{'config':42} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6} {'shared':>8} {'i32 offs':>8}"]
+    lines = [
+        (
+            f"Kernels compiled for sm_90 (Triton {triton_version}); registers per thread, spill bytes per thread, "
+            "shared memory per program; * = the tile the library launches"
+        ),
+        f"{'config':42} {'regs':>5} {'spill st':>9} {'spill ld':>9} {'stack':>6} {'shared':>8} {'i32 offs':>8}",
+    ]
     for r in results:
         mark = "*" if r["production"] else " "
-        lines.append(f"{mark}{r['name']:41} {r['registers']:>5} {r['spill_stores']:>9} {r['spill_loads']:>9} "
-                     f"{r['stack_frame']:>6} {r['shared_bytes']:>8} {r['i32_offset_products']:>8}")
+        lines.append(
+            f"{mark}{r['name']:41} {r['registers']:>5} {r['spill_stores']:>9} {r['spill_loads']:>9} "
+            f"{r['stack_frame']:>6} {r['shared_bytes']:>8} {r['i32_offset_products']:>8}"
+        )
     lines.append("i32 offs: pointer offsets derived from a 32-bit index product (each wraps past 2^31 elements)")
     return "\n".join(lines)
 
@@ -224,16 +297,23 @@ def main(json_path: str | None = None, patterns: list[str] | None = None) -> int
     with tempfile.TemporaryDirectory() as cache:
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         env.update(TRITON_CACHE_DIR=cache, PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1")
-        run = subprocess.run([sys.executable, "-m", "bench.static", *(patterns or [])], env=env, cwd=ROOT,
-                             capture_output=True, text=True, check=False)
+        run = subprocess.run(
+            [sys.executable, "-m", "bench.static", *(patterns or [])],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
     if run.returncode != 0:
         print(run.stdout + run.stderr, file=sys.stderr)
         return 1
     results = json.loads(run.stdout)
     print(table(results, triton.__version__))
     if json_path:
-        Path(json_path).write_text(json.dumps({"triton": triton.__version__, "target": "cuda sm_90",
-                                               "configs": results}, indent=2))
+        Path(json_path).write_text(
+            json.dumps({"triton": triton.__version__, "target": "cuda sm_90", "configs": results}, indent=2)
+        )
         print(f"wrote {json_path}")
     return 0
 

@@ -49,8 +49,13 @@ def load(paths: list[str | Path]) -> tuple[list[dict[str, Any]], list[dict[str, 
 def merge(paths: list[str | Path], out: str | Path) -> None:
     """One document: each part's meta and roofline in order, the union of the cases."""
     docs, records = load(paths)
-    merged = {"meta": [d.get("meta") for d in docs], "roofline": [d.get("roofline") for d in docs],
-              "notes": docs[0].get("notes", []) if docs else [], "parts": [str(p) for p in paths], "cases": records}
+    merged = {
+        "meta": [d.get("meta") for d in docs],
+        "roofline": [d.get("roofline") for d in docs],
+        "notes": docs[0].get("notes", []) if docs else [],
+        "parts": [str(p) for p in paths],
+        "cases": records,
+    }
     tmp = Path(str(out) + ".tmp")
     tmp.write_text(json.dumps(merged, indent=2, default=str))
     tmp.replace(out)
@@ -82,46 +87,70 @@ def targets(recs: list[dict[str, Any]]) -> list[Target]:
             value = by[fast]["tokens_per_s"] / by[ref]["tokens_per_s"]
             out.append(_at_least(f"step speed-up at {size}", value, need, f"{fast} over {ref}, same run"))
             continue
-        widest = max((s for s in SAE_SIZES if _ok(by, f"step/{s}/reference-bf16")), key=lambda s: SAE_SIZES[s].F,
-                     default=None)
+        widest = max(
+            (s for s in SAE_SIZES if _ok(by, f"step/{s}/reference-bf16")), key=lambda s: SAE_SIZES[s].F, default=None
+        )
         if widest is None:
             out.append(_at_least(f"step speed-up at {size}", None, need, f"no dense reference ran ({_why(by, ref)})"))
             continue
         scale = SAE_SIZES[size].F / SAE_SIZES[widest].F
         value = by[fast]["tokens_per_s"] * scale / by[f"step/{widest}/reference-bf16"]["tokens_per_s"]
-        out.append(_at_least(f"step speed-up at {size}", value, need,
-                             f"against step/{widest}/reference-bf16 with its time x {scale:g} (F ratio): "
-                             f"{_why(by, ref)}"))
+        out.append(
+            _at_least(
+                f"step speed-up at {size}",
+                value,
+                need,
+                f"against step/{widest}/reference-bf16 with its time x {scale:g} (F ratio): {_why(by, ref)}",
+            )
+        )
     for size in SAE_SIZES:
         fused, gemm = f"encode/{size}/triton-bf16", f"encode/{size}/gemm-bf16"
         if fused in by or gemm in by:
             value = by[fused]["tokens_per_s"] / by[gemm]["tokens_per_s"] if _ok(by, fused) and _ok(by, gemm) else None
-            detail = "tokens/s of the fused encode over the plain GEMM's" if value is not None else (
-                _why(by, fused) if not _ok(by, fused) else _why(by, gemm))
+            detail = (
+                "tokens/s of the fused encode over the plain GEMM's"
+                if value is not None
+                else (_why(by, fused) if not _ok(by, fused) else _why(by, gemm))
+            )
             out.append(_at_least(f"encode / GEMM at {size}", value, 0.75, detail))
     for size in SAE_SIZES:
         fast, ref = f"step/{size}/triton-bf16", f"step/{size}/reference-bf16"
         if fast in by and ref in by:
             a, b = _ok(by, fast), _ok(by, ref)
             value = a["peak_memory_bytes"] / b["peak_memory_bytes"] if a and b and b.get("peak_memory_bytes") else None
-            detail = (f"{a['peak_memory_bytes'] / 1e9:.3g} / {b['peak_memory_bytes'] / 1e9:.3g} GB" if value is not None
-                      else _why(by, fast if not a else ref))
-            out.append(Target(f"step memory ratio at {size}", value, "<= 0.5", None if value is None else value <= 0.5,
-                              detail))
+            detail = (
+                f"{a['peak_memory_bytes'] / 1e9:.3g} / {b['peak_memory_bytes'] / 1e9:.3g} GB"
+                if value is not None
+                else _why(by, fast if not a else ref)
+            )
+            out.append(
+                Target(f"step memory ratio at {size}", value, "<= 0.5", None if value is None else value <= 0.5, detail)
+            )
     wide = _ok(by, "step/1m/triton-bf16")
     peak = wide.get("peak_memory_bytes") if wide else None
-    out.append(Target("2^20 step within 80 GB", None if peak is None else peak / 1e9, "<= 80 (GB)",
-                      None if peak is None else peak <= CARD_BYTES,
-                      "peak beyond the shared inputs" if peak is not None else _why(by, "step/1m/triton-bf16")))
+    out.append(
+        Target(
+            "2^20 step within 80 GB",
+            None if peak is None else peak / 1e9,
+            "<= 80 (GB)",
+            None if peak is None else peak <= CARD_BYTES,
+            "peak beyond the shared inputs" if peak is not None else _why(by, "step/1m/triton-bf16"),
+        )
+    )
     bad = [r["case"] for r in recs if r.get("status") in ("MISMATCH", "error")]
-    out.append(Target("cases that failed their check or raised", float(len(bad)), "== 0", not bad,
-                      ", ".join(bad) or "none"))
+    out.append(
+        Target("cases that failed their check or raised", float(len(bad)), "== 0", not bad, ", ".join(bad) or "none")
+    )
     return out
 
 
 def table(recs: list[dict[str, Any]]) -> str:
-    lines = [(f"{'case':34} {'status':10} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6} {'x base':>7} "
-              f"{'peak GB':>8}  reason")]
+    lines = [
+        (
+            f"{'case':34} {'status':10} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'%roof':>6} {'x base':>7} "
+            f"{'peak GB':>8}  reason"
+        )
+    ]
     for r in recs:
         med = (r.get("timing") or {}).get("median_s")
 
@@ -130,17 +159,22 @@ def table(recs: list[dict[str, Any]]) -> str:
 
         frac = r.get("roofline_fraction")
         peak = r.get("peak_memory_bytes")
-        lines.append(f"{r['case']:34} {r.get('status') or '-':10} {num(med and med * 1e3, '9.3f')} "
-                     f"{num(r.get('tflops'), '8.1f')} {num(r.get('gbs'), '8.0f')} {num(frac and 100 * frac, '6.1f')} "
-                     f"{num(r.get('speedup_vs_reference'), '7.2f')} {num(peak and peak / 1e9, '8.2f')}  "
-                     f"{'' if r.get('status') == 'ok' else (r.get('reason') or '')[:100]}")
+        lines.append(
+            f"{r['case']:34} {r.get('status') or '-':10} {num(med and med * 1e3, '9.3f')} "
+            f"{num(r.get('tflops'), '8.1f')} {num(r.get('gbs'), '8.0f')} {num(frac and 100 * frac, '6.1f')} "
+            f"{num(r.get('speedup_vs_reference'), '7.2f')} {num(peak and peak / 1e9, '8.2f')}  "
+            f"{'' if r.get('status') == 'ok' else (r.get('reason') or '')[:100]}"
+        )
     return "\n".join(lines)
 
 
 def report(recs: list[dict[str, Any]]) -> str:
     verdict = {True: "MET", False: "MISSED", None: "not measured"}
-    rows = [f"  {t.name:38} {('-' if t.value is None else f'{t.value:.3g}'):>8} (need {t.need}): "
-            f"{verdict[t.ok]}; {t.detail}" for t in targets(recs)]
+    rows = [
+        f"  {t.name:38} {('-' if t.value is None else f'{t.value:.3g}'):>8} (need {t.need}): "
+        f"{verdict[t.ok]}; {t.detail}"
+        for t in targets(recs)
+    ]
     return table(recs) + "\n\nTargets (issue 12), measured in this run:\n" + "\n".join(rows)
 
 

@@ -77,8 +77,13 @@ class SAEData(NamedTuple):
     check_touched16: dict[torch.dtype, Tensor]  # as check_touched, for z16 at each dtype of COMPUTE_16
 
     def params(self) -> dict[str, Tensor]:
-        return {"W_enc": self.W_enc, "b_enc": self.b_enc, "W_dec": self.W_dec, "b_dec": self.b_dec,
-                "threshold": self.threshold}
+        return {
+            "W_enc": self.W_enc,
+            "b_enc": self.b_enc,
+            "W_dec": self.W_dec,
+            "b_dec": self.b_dec,
+            "threshold": self.threshold,
+        }
 
     def check_latents(self, compute_dtype: torch.dtype | None = None) -> Tensor:
         """The touched latents of the check rows for an oracle at `compute_dtype` (None: exact operands)."""
@@ -86,8 +91,15 @@ class SAEData(NamedTuple):
 
 
 @torch.no_grad()
-def pre_activations(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols: slice, dtype: torch.dtype,
-                    compute_dtype: torch.dtype | None = None) -> Tensor:
+def pre_activations(
+    x: Tensor,
+    b_dec: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    cols: slice,
+    dtype: torch.dtype,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """z [R, cols] = (x - b_dec) W_enc + b_enc of the latents `cols`, computed in `dtype` by
     `kernels.reference.encode` at `compute_dtype`.
 
@@ -101,8 +113,9 @@ def pre_activations(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, cols
     return R.encode(x.to(dtype), W_enc[:, cols].to(dtype), b, b_dec.to(dtype), no_threshold, 1.0, compute_dtype).acts
 
 
-def all_pre_activations(x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype,
-                        compute_dtype: torch.dtype | None = None) -> Tensor:
+def all_pre_activations(
+    x: Tensor, b_dec: Tensor, W_enc: Tensor, b_enc: Tensor, dtype: torch.dtype, compute_dtype: torch.dtype | None = None
+) -> Tensor:
     """z [R, F] in `dtype` (`pre_activations` of every latent), _COLUMNS latents at a time, so that the
     reference's temporaries stay at one chunk (float64 W_enc alone is 19 GB at F = 2^20)."""
     F = W_enc.shape[1]
@@ -119,8 +132,9 @@ def sixteen_bit_exact(t: Tensor) -> Tensor:
     return torch.where(t.abs() < 2.0**-14, torch.zeros_like(t), t)
 
 
-def _move_thresholds(zs: list[Tensor], theta: Tensor, eps: float, margins: list[float | Tensor], g: torch.Generator
-                     ) -> None:
+def _move_thresholds(
+    zs: list[Tensor], theta: Tensor, eps: float, margins: list[float | Tensor], g: torch.Generator
+) -> None:
     """Move (in place) the thresholds of the latents that have a pre-activation in any of `zs` [R, n] float64
     nearer a boundary than its margin (a float, or one per pair [R, n]), at random by up to eps / 2, until none
     has."""

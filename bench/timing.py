@@ -35,8 +35,14 @@ def sync(device: torch.device) -> None:
 class Timer:
     """Times callables on one device. `repeat_s`: the time to spend on timed repetitions per case."""
 
-    def __init__(self, device: torch.device, repeat_s: float = 1.0, warmup_s: float = 0.2,
-                 min_repeats: int = 3, max_repeats: int = 200):
+    def __init__(
+        self,
+        device: torch.device,
+        repeat_s: float = 1.0,
+        warmup_s: float = 0.2,
+        min_repeats: int = 3,
+        max_repeats: int = 200,
+    ):
         self.device, self.repeat_s, self.warmup_s = device, repeat_s, warmup_s
         self.min_repeats, self.max_repeats = min_repeats, max_repeats
         self._flush = None

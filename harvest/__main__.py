@@ -14,8 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print the `python -m sae` command to run instead (same flags) on stderr; exit code 2, a usage error."""
     args = sys.argv[1:] if argv is None else argv
     instead = shlex.join(["python", "-m", "sae", *args]) if args[:1] == ["select"] else "python -m sae select --help"
-    print(f"python -m harvest has no commands: data selection is `python -m sae select` (same flags); run\n"
-          f"  {instead}", file=sys.stderr)
+    print(
+        f"python -m harvest has no commands: data selection is `python -m sae select` (same flags); run\n  {instead}",
+        file=sys.stderr,
+    )
     return 2
 
 

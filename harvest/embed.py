@@ -46,8 +46,14 @@ class Encoder:
     mask, or "cls" (position 0); max_length: word pieces kept per text (longer texts are scored on their start).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, pooling: Pooling = "mean", max_length: int = 256,
-                 device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pooling: Pooling = "mean",
+        max_length: int = 256,
+        device: str | torch.device = "cpu",
+    ):
         if pooling not in _POOLINGS:
             raise HarvestError(f"pooling={pooling!r} is not supported: encoders must pool by one of {_POOLINGS}")
         self.device = torch.device(device)
@@ -66,7 +72,7 @@ class Encoder:
         out = torch.empty(len(ids), self.dim)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 input_ids, mask = self._pad([ids[i] for i in rows])
                 hidden = self.model(input_ids=input_ids, attention_mask=mask).last_hidden_state.float()  # [B, T, E]
                 out[rows] = self._pool(hidden, mask).cpu()
@@ -101,13 +107,20 @@ def load_encoder(spec: str = OFFLINE_ENCODER, device: str | torch.device = "cpu"
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise unloadable(
-            "encoder", spec, folder, "encoder (config.json, weights, tokenizer)", offline,
+            "encoder",
+            spec,
+            folder,
+            "encoder (config.json, weights, tokenizer)",
+            offline,
             f'Pass a local sentence-transformers or Hugging Face encoder folder, or encoder="{OFFLINE_ENCODER}" '
             "for the packaged all-MiniLM-L6-v2.",
         ) from e
     if max_length is None:
-        limits = [n for n in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
-                  if isinstance(n, int) and 0 < n < 1_000_000]
+        limits = [
+            n
+            for n in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None))
+            if isinstance(n, int) and 0 < n < 1_000_000
+        ]
         max_length = min(limits, default=512)
     return Encoder(model, tokenizer, pooling, max_length, device)
 
@@ -126,8 +139,11 @@ def _sentence_transformers_layout(root: Path) -> tuple[str, str, int | None]:
         elif kind.endswith(".Pooling"):
             pooling_file = root / module.get("path", "") / "config.json"
             modes = json.loads(pooling_file.read_text()) if pooling_file.is_file() else {}
-            on = [k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
-                  for k, v in modes.items() if k.startswith("pooling_mode_") and v is True]
+            on = [
+                k.removeprefix("pooling_mode_").removesuffix("_token").removesuffix("_tokens")
+                for k, v in modes.items()
+                if k.startswith("pooling_mode_") and v is True
+            ]
             if on:
                 if len(on) > 1 or on[0] not in _POOLINGS:
                     raise HarvestError(f"encoder {str(root)!r} pools by {on}: only one of {_POOLINGS} is supported")

@@ -30,9 +30,17 @@ class Group(NamedTuple):
 class GroupReader:
     """Reads the token stream group by group; `seek` re-positions it at a group's start."""
 
-    def __init__(self, model: nn.Module, tokenizer, rows, layers: Sequence[int], rows_per_forward: int,
-                 exclude_special_tokens: bool = True, norm_outlier_factor: float | None = None,
-                 nonfinite: NonFiniteFilter | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        rows,
+        layers: Sequence[int],
+        rows_per_forward: int,
+        exclude_special_tokens: bool = True,
+        norm_outlier_factor: float | None = None,
+        nonfinite: NonFiniteFilter | None = None,
+    ):
         self.model, self.tokenizer, self.rows = model, tokenizer, rows
         self.layers, self.rows_per_forward = list(layers), rows_per_forward
         self.exclude_special_tokens, self.norm_outlier_factor = exclude_special_tokens, norm_outlier_factor
@@ -62,8 +70,7 @@ class GroupReader:
                 raise HarvestError("the dataset yields no tokens to harvest: every example is empty")
         width = max(map(len, rows))
         input_ids = torch.tensor([row + [self._pad] * (width - len(row)) for row in rows], device=self.device)
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows],
-                                      device=self.device)
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in rows], device=self.device)
         keep = keep_mask(input_ids, attention_mask, self.tokenizer, self.exclude_special_tokens)
         acts = layer_activations(self.model, self.layers, input_ids, attention_mask)[keep]  # [n, L, D]
         acts = self.nonfinite(acts)  # before the outlier test: a NaN norm would hide from it

@@ -43,9 +43,18 @@ class Harvester:
     load_state_dict) stops the previous one's producer.
     """
 
-    def __init__(self, model_cfg: ModelConfig, data_cfg: DataConfig, buffer_cfg: BufferConfig,
-                 batch_size: int = 1024, device: str | torch.device = "cpu", lm: tuple | None = None,
-                 progress: bool = True, layers: Sequence[int] | None = None, rows=None):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        data_cfg: DataConfig,
+        buffer_cfg: BufferConfig,
+        batch_size: int = 1024,
+        device: str | torch.device = "cpu",
+        lm: tuple | None = None,
+        progress: bool = True,
+        layers: Sequence[int] | None = None,
+        rows=None,
+    ):
         """lm: an already loaded (model, tokenizer) for model_cfg, to share one model between harvesters.
         layers: the decoder layers to capture in one forward (default: model_cfg.layer alone).
         rows: a token-row source to read instead of data_cfg's (anything with TokenRows' take, position,
@@ -84,8 +93,10 @@ class Harvester:
         return 2 * self.segment_tokens * len(self.layers) * self.d_in * self.dtype.itemsize
 
     def describe(self) -> str:
-        return (f"activation buffer: 2 x {self.segment_tokens:,} tokens x {len(self.layers)} layer(s) x {self.d_in} x "
-                f"{str(self.dtype).removeprefix('torch.')} = {self.buffer_bytes / 2**20:,.1f} MiB on {self.device}")
+        return (
+            f"activation buffer: 2 x {self.segment_tokens:,} tokens x {len(self.layers)} layer(s) x {self.d_in} x "
+            f"{str(self.dtype).removeprefix('torch.')} = {self.buffer_bytes / 2**20:,.1f} MiB on {self.device}"
+        )
 
     def metadata(self, layer: int | None = None) -> dict:
         """What a checkpoint records about where its activations came from (SAELens-style names)."""
@@ -107,9 +118,12 @@ class Harvester:
 
     def state_dict(self) -> dict:
         """JSON-able position: a fresh Harvester with the same configs continues from the next batch."""
-        return {"segment": self._segment, "cursor": {"group_start": dict(self._cursor["group_start"]),
-                                                     "skip": self._cursor["skip"]},
-                "pass": self._pass, "batch": self._batch}
+        return {
+            "segment": self._segment,
+            "cursor": {"group_start": dict(self._cursor["group_start"]), "skip": self._cursor["skip"]},
+            "pass": self._pass,
+            "batch": self._batch,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != _STATE_KEYS:
@@ -140,13 +154,32 @@ class Harvester:
 
     def __iter__(self):
         self.close()
-        reader = GroupReader(self.model, self.tokenizer, self.rows, self.layers, self.buffer_cfg.forward_batch_rows,
-                             self.data_cfg.exclude_special_tokens, self.model_cfg.norm_outlier_factor, self.nonfinite)
-        bar = tqdm(total=self.segment_tokens, desc=f"harvesting segment {self._segment}", unit="tok", leave=False,
-                   disable=not self.progress)
+        reader = GroupReader(
+            self.model,
+            self.tokenizer,
+            self.rows,
+            self.layers,
+            self.buffer_cfg.forward_batch_rows,
+            self.data_cfg.exclude_special_tokens,
+            self.model_cfg.norm_outlier_factor,
+            self.nonfinite,
+        )
+        bar = tqdm(
+            total=self.segment_tokens,
+            desc=f"harvesting segment {self._segment}",
+            unit="tok",
+            leave=False,
+            disable=not self.progress,
+        )
         ring = self._allocate()
         producer = self._producer = RingProducer(
-            ring, self._sync, SegmentFiller(reader), self._segment, self._cursor, self.buffer_cfg.overlap, bar.update,
+            ring,
+            self._sync,
+            SegmentFiller(reader),
+            self._segment,
+            self._cursor,
+            self.buffer_cfg.overlap,
+            bar.update,
         )
         try:
             while True:
@@ -160,7 +193,7 @@ class Harvester:
                         rng = np.random.default_rng([self.data_cfg.data_seed, _BUFFER_SEED, segment.index, self._pass])
                         perm = torch.from_numpy(rng.permutation(self.segment_tokens)).to(self.device)
                     start = self._batch * self.batch_size
-                    batch = half.index_select(0, perm[start:start + self.batch_size]).to(torch.float32)
+                    batch = half.index_select(0, perm[start : start + self.batch_size]).to(torch.float32)
                     self._advance(segment)
                     if self._segment != segment.index:
                         producer.release(segment)

@@ -9,7 +9,7 @@ from .hub import hub_offline, unloadable
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" means CUDA when one is available, else the CPU; asking for CUDA without one is an error."""
+    """ "auto" means CUDA when one is available, else the CPU; asking for CUDA without one is an error."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     resolved = torch.device(device)
@@ -33,7 +33,11 @@ def load_lm(cfg: ModelConfig) -> tuple[nn.Module, object]:
         config = AutoConfig.from_pretrained(path, local_files_only=offline)
     except (OSError, ValueError) as e:
         raise unloadable(
-            "model", cfg.model, path, "config.json", offline,
+            "model",
+            cfg.model,
+            path,
+            "config.json",
+            offline,
             f'Pass a local model directory (config.json, weights, tokenizer) or model="{OFFLINE_DEFAULT}" for the '
             "bundled Gemma-3 270M.",
         ) from e
@@ -54,7 +58,7 @@ def load_lm(cfg: ModelConfig) -> tuple[nn.Module, object]:
 
 
 def resolve_dtype(model_dtype: str, device: torch.device) -> torch.dtype:
-    """"auto" is bfloat16 on CUDA (the H100 recipe) and float32 elsewhere."""
+    """ "auto" is bfloat16 on CUDA (the H100 recipe) and float32 elsewhere."""
     if model_dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, model_dtype)

@@ -33,8 +33,13 @@ class MedicalQASource(NamedTuple):
         return self.repo.split("/")[-1]
 
 
-def format_question(question: str, options: Mapping[str, str], answer: str, explanation: str | None = None,
-                    explanation_label: str = "Explanation") -> str:
+def format_question(
+    question: str,
+    options: Mapping[str, str],
+    answer: str,
+    explanation: str | None = None,
+    explanation_label: str = "Explanation",
+) -> str:
     """The shared layout; options maps letters to option texts in order, answer is "B. text"."""
     lines = [question.strip(), "The options are:"]
     lines += [f"{letter}. {text.strip()}" for letter, text in options.items()]
@@ -50,7 +55,7 @@ def _options(raw: Mapping[str, str | None]) -> dict[str, str]:
 
 
 def _answer(options: Mapping[str, str], letter: str | None, text: str | None) -> str:
-    """"B. text" from the correct letter, or from the correct text when the letter is missing or unknown."""
+    """ "B. text" from the correct letter, or from the correct text when the letter is missing or unknown."""
     if letter in options:
         return f"{letter}. {options[letter].strip()}"
     for key, value in options.items():
@@ -63,8 +68,9 @@ def format_mcq(example: Mapping[str, Any]) -> str:
     """medqa and the three mmlu datasets: a nested "data" record with lettered options, no explanation."""
     data = example["data"]
     options = _options(data["Options"])
-    return format_question(data["Question"], options, _answer(options, data.get("Correct Option"),
-                                                              data.get("Correct Answer")))
+    return format_question(
+        data["Question"], options, _answer(options, data.get("Correct Option"), data.get("Correct Answer"))
+    )
 
 
 def format_pubmedqa(example: Mapping[str, Any]) -> str:

@@ -33,8 +33,11 @@ def offline_default_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{_NAME}.tmp-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is not a secret
     try:
-        print(f"saekit: converting the bundled Gemma-3 270M GGUF into {target} (once, about a minute)",
-              file=sys.stderr, flush=True)
+        print(
+            f"saekit: converting the bundled Gemma-3 270M GGUF into {target} (once, about a minute)",
+            file=sys.stderr,
+            flush=True,
+        )
         _convert(tmp)
         try:
             os.rename(tmp, target)

@@ -9,8 +9,14 @@ import numpy as np
 class RandomTokenRows:
     """Rows [BOS, random ids...] of exactly context_size tokens; row i depends only on (seed, i)."""
 
-    def __init__(self, vocab_size: int, context_size: int, bos_token_id: int | None, seed: int = 0,
-                 special_ids: tuple[int, ...] = ()):
+    def __init__(
+        self,
+        vocab_size: int,
+        context_size: int,
+        bos_token_id: int | None,
+        seed: int = 0,
+        special_ids: tuple[int, ...] = (),
+    ):
         self.vocab_size, self.context_size, self.seed = vocab_size, context_size, seed
         self.prefix = [] if bos_token_id is None else [bos_token_id]
         avoid = np.array(sorted(set(special_ids) | set(self.prefix)), dtype=np.int64)

@@ -78,8 +78,16 @@ class _Stopped(Exception):
 
 
 class RingProducer:
-    def __init__(self, ring: torch.Tensor, sync: CudaStreams | None, filler: SegmentFiller, first_segment: int,
-                 cursor: dict, threaded: bool, progress=None):
+    def __init__(
+        self,
+        ring: torch.Tensor,
+        sync: CudaStreams | None,
+        filler: SegmentFiller,
+        first_segment: int,
+        cursor: dict,
+        threaded: bool,
+        progress=None,
+    ):
         """ring: [2, S, L, D]. sync: the ring's stream_sync(ring, threaded), made once per ring.
         progress: a callable(n_tokens) for the first segment's fill (the start-up wait)."""
         self.ring, self.sync, self.filler, self.threaded, self.progress = ring, sync, filler, threaded, progress

@@ -34,8 +34,13 @@ class SegmentFiller:
             return {"group_start": dict(self._group.start), "skip": self._used}
         return {"group_start": dict(self.reader.position()), "skip": self._skip}
 
-    def fill(self, out: torch.Tensor, should_stop: Callable[[], bool] = lambda: False,
-             progress: Callable[[int], None] = lambda n: None, claim: Callable[[], bool] = lambda: True) -> bool:
+    def fill(
+        self,
+        out: torch.Tensor,
+        should_stop: Callable[[], bool] = lambda: False,
+        progress: Callable[[int], None] = lambda n: None,
+        claim: Callable[[], bool] = lambda: True,
+    ) -> bool:
         """Write the next len(out) tokens into out [S, L, D]; False when should_stop() ended it early.
 
         claim() is called once, just before the first write into out; it may block until out may be
@@ -62,7 +67,7 @@ class SegmentFiller:
                         f"{len(self._group.acts)}: the data or the tokenizer changed since it was saved"
                     )
             k = min(total - n, len(self._group.acts) - self._used)
-            out[n:n + k].copy_(self._group.acts[self._used:self._used + k], non_blocking=True)
+            out[n : n + k].copy_(self._group.acts[self._used : self._used + k], non_blocking=True)
             n, self._used = n + k, self._used + k
             progress(k)
         return True

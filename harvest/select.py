@@ -263,8 +263,12 @@ def _load_seeds(cfg: SelectConfig) -> list[str]:
 
 
 def _load_pool(cfg: SelectConfig) -> Sequence[str]:
-    data = DataConfig(dataset=cfg.pool, dataset_config=cfg.pool_config, split=cfg.split,
-                      text_field=cfg.pool_text_field or cfg.text_field)
+    data = DataConfig(
+        dataset=cfg.pool,
+        dataset_config=cfg.pool_config,
+        split=cfg.split,
+        text_field=cfg.pool_text_field or cfg.text_field,
+    )
     if cfg.context_size is not None:
         data.context_size = cfg.context_size
     try:
@@ -281,9 +285,16 @@ def _fingerprint(cfg: SelectConfig, seeds: list[str], pool_size: int) -> dict:
     return {
         "seeds": cfg.seeds,
         "seeds_sha256": hashlib.sha256("\0".join(seeds).encode()).hexdigest(),
-        "pool": cfg.pool, "pool_config": cfg.pool_config, "pool_text_field": cfg.pool_text_field or cfg.text_field,
-        "split": cfg.split, "pool_size": pool_size, "encoder": cfg.encoder, "tokenizer_model": cfg.tokenizer_model,
-        "token_budget": cfg.token_budget, "score": cfg.score, "context_size": cfg.context_size,
+        "pool": cfg.pool,
+        "pool_config": cfg.pool_config,
+        "pool_text_field": cfg.pool_text_field or cfg.text_field,
+        "split": cfg.split,
+        "pool_size": pool_size,
+        "encoder": cfg.encoder,
+        "tokenizer_model": cfg.tokenizer_model,
+        "token_budget": cfg.token_budget,
+        "score": cfg.score,
+        "context_size": cfg.context_size,
     }
 
 
@@ -303,8 +314,10 @@ def _finished_summary(out: Path, fingerprint: dict) -> SelectSummary | None:
     saved = json.loads(path.read_text())
     _check_same_run(out, saved.get("fingerprint", {}), fingerprint, "a finished selection")
     if not (out / SELECTION_FILE).is_file():
-        raise HarvestError(f"{path} says the run finished but {out / SELECTION_FILE} is missing: delete {path} "
-                           "and rerun to rescan the pool")
+        raise HarvestError(
+            f"{path} says the run finished but {out / SELECTION_FILE} is missing: delete {path} "
+            "and rerun to rescan the pool"
+        )
     return SelectSummary(**{k: saved[k] for k in SelectSummary._fields})
 
 
@@ -320,8 +333,12 @@ class _ScanState:
     seconds: float = 0.0
 
     def counters(self) -> dict:
-        return {"done": self.done, "skipped_empty": self.skipped_empty, "pool_score_sum": self.pool_score_sum,
-                "seconds": self.seconds}
+        return {
+            "done": self.done,
+            "skipped_empty": self.skipped_empty,
+            "pool_score_sum": self.pool_score_sum,
+            "seconds": self.seconds,
+        }
 
 
 def _load_state(out: Path, fingerprint: dict) -> _ScanState | None:
@@ -332,15 +349,24 @@ def _load_state(out: Path, fingerprint: dict) -> _ScanState | None:
         meta = json.loads(str(saved["meta"]))
         kept = Candidates(saved["score"], saved["index"], saved["tokens"])
     _check_same_run(out, meta["fingerprint"], fingerprint, "an unfinished selection")
-    return _ScanState(TopSet(kept, meta["boundary_score"], meta["boundary_index"]), meta["done"],
-                      meta["skipped_empty"], meta["pool_score_sum"], meta["seconds"])
+    return _ScanState(
+        TopSet(kept, meta["boundary_score"], meta["boundary_index"]),
+        meta["done"],
+        meta["skipped_empty"],
+        meta["pool_score_sum"],
+        meta["seconds"],
+    )
 
 
 def _save_state(out: Path, state: _ScanState, fingerprint: dict) -> None:
     """state.npz, replaced atomically: the top set's arrays, and the rest as JSON (no pickles)."""
     top = state.top
-    meta = {"fingerprint": fingerprint, "boundary_score": top.boundary_score, "boundary_index": top.boundary_index,
-            **state.counters()}
+    meta = {
+        "fingerprint": fingerprint,
+        "boundary_score": top.boundary_score,
+        "boundary_index": top.boundary_index,
+        **state.counters(),
+    }
     with _atomic(out / STATE_FILE, "wb") as f:
         np.savez(f, score=top.kept.score, index=top.kept.index, tokens=top.kept.tokens, meta=np.array(json.dumps(meta)))
 
@@ -356,31 +382,49 @@ def _atomic(path: Path, mode: str = "w"):
     os.replace(tmp, path)
 
 
-def _scan(cfg: SelectConfig, pool: Sequence[str], seed_embeddings: torch.Tensor, encoder: Encoder, count,
-          state: _ScanState, out: Path, fingerprint: dict, progress: bool) -> None:
+def _scan(
+    cfg: SelectConfig,
+    pool: Sequence[str],
+    seed_embeddings: torch.Tensor,
+    encoder: Encoder,
+    count,
+    state: _ScanState,
+    out: Path,
+    fingerprint: dict,
+    progress: bool,
+) -> None:
     """Score the pool from state.done on, chunk by chunk, merging into the top set and saving after each."""
-    bar = tqdm(total=len(pool), initial=state.done, unit="text", desc="select", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=len(pool), initial=state.done, unit="text", desc="select", disable=not progress, dynamic_ncols=True
+    )
     try:
         while state.done < len(pool):
             start = time.perf_counter()
             stop = min(state.done + cfg.chunk_size, len(pool))
-            state.top, empty, score_sum = _scan_chunk(cfg, pool[state.done:stop], state.done, seed_embeddings,
-                                                      encoder, count, state.top)
+            state.top, empty, score_sum = _scan_chunk(
+                cfg, pool[state.done : stop], state.done, seed_embeddings, encoder, count, state.top
+            )
             state.done, state.skipped_empty, state.pool_score_sum = (
-                stop, state.skipped_empty + empty, state.pool_score_sum + score_sum)
+                stop,
+                state.skipped_empty + empty,
+                state.pool_score_sum + score_sum,
+            )
             state.seconds += time.perf_counter() - start
             _save_state(out, state, fingerprint)
             kept = state.top.kept
             bar.update(stop - bar.n)
-            bar.set_postfix(kept=len(kept.index), tokens=int(kept.tokens.sum()),
-                            min_score=f"{kept.score.min():.3f}" if len(kept.index) else "-")
+            bar.set_postfix(
+                kept=len(kept.index),
+                tokens=int(kept.tokens.sum()),
+                min_score=f"{kept.score.min():.3f}" if len(kept.index) else "-",
+            )
     finally:
         bar.close()
 
 
-def _scan_chunk(cfg: SelectConfig, texts: list, offset: int, seed_embeddings: torch.Tensor, encoder: Encoder,
-                count, top: TopSet) -> tuple[TopSet, int, float]:
+def _scan_chunk(
+    cfg: SelectConfig, texts: list, offset: int, seed_embeddings: torch.Tensor, encoder: Encoder, count, top: TopSet
+) -> tuple[TopSet, int, float]:
     """Embed and score one chunk of pool texts (pool indices offset...); (merged top set, empty texts, score sum)."""
     live = [i for i, t in enumerate(texts) if t and t.strip()]
     if not live:
@@ -394,30 +438,44 @@ def _scan_chunk(cfg: SelectConfig, texts: list, offset: int, seed_embeddings: to
     return top, len(texts) - len(live), float(score.astype(np.float64).sum())
 
 
-def _finish(cfg: SelectConfig, pool: Sequence[str], seeds: list[str], state: _ScanState, out: Path,
-            fingerprint: dict) -> SelectSummary:
+def _finish(
+    cfg: SelectConfig, pool: Sequence[str], seeds: list[str], state: _ScanState, out: Path, fingerprint: dict
+) -> SelectSummary:
     """Write selection.jsonl, then summary.json (the run is finished once it exists), then drop the state."""
     kept: Candidates = state.top.kept
     order = np.argsort(kept.index, kind="stable")  # pool order: sequential reads of the memory-mapped pool
     with _atomic(out / SELECTION_FILE) as f:
         for j in order:
-            row = {"text": pool[int(kept.index[j])], "score": round(float(kept.score[j]), 6),
-                   "source_index": int(kept.index[j]), "tokens": int(kept.tokens[j])}
+            row = {
+                "text": pool[int(kept.index[j])],
+                "score": round(float(kept.score[j]), 6),
+                "source_index": int(kept.index[j]),
+                "tokens": int(kept.tokens[j]),
+            }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     scored = state.done - state.skipped_empty
     summary = SelectSummary(
-        selection=str(out / SELECTION_FILE), pool_size=len(pool), scanned=state.done,
-        skipped_empty=state.skipped_empty, selected=len(kept.index), tokens=int(kept.tokens.sum()),
+        selection=str(out / SELECTION_FILE),
+        pool_size=len(pool),
+        scanned=state.done,
+        skipped_empty=state.skipped_empty,
+        selected=len(kept.index),
+        tokens=int(kept.tokens.sum()),
         token_budget=cfg.token_budget,
         score_min=float(kept.score.min()) if len(kept.index) else float("nan"),
         score_max=float(kept.score.max()) if len(kept.index) else float("nan"),
         score_mean=float(kept.score.astype(np.float64).mean()) if len(kept.index) else float("nan"),
         pool_score_mean=state.pool_score_sum / scored if scored else float("nan"),
-        seeds=len(seeds), seconds=round(state.seconds, 3),
+        seeds=len(seeds),
+        seconds=round(state.seconds, 3),
     )
-    record = {**summary._asdict(), "texts_per_s": round(state.done / max(state.seconds, 1e-9), 1),
-              "seed_texts": [s[:_SEED_CHARS] for s in seeds[:_SEEDS_SHOWN]],
-              "config": dataclasses.asdict(cfg), "fingerprint": fingerprint}
+    record = {
+        **summary._asdict(),
+        "texts_per_s": round(state.done / max(state.seconds, 1e-9), 1),
+        "seed_texts": [s[:_SEED_CHARS] for s in seeds[:_SEEDS_SHOWN]],
+        "config": dataclasses.asdict(cfg),
+        "fingerprint": fingerprint,
+    }
     with _atomic(out / SUMMARY_FILE) as f:
         f.write(json.dumps(record, indent=2) + "\n")
     (out / STATE_FILE).unlink(missing_ok=True)

@@ -48,8 +48,7 @@ def load_texts(cfg: DataConfig) -> Sequence[str] | TextStream:
     try:
         if files is not None:
             builder = _BUILDERS[Path(files[0]).suffix]
-            ds = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split,
-                                       streaming=cfg.streaming)
+            ds = datasets.load_dataset(builder, data_files={cfg.split: files}, split=cfg.split, streaming=cfg.streaming)
         else:
             ds = datasets.load_dataset(cfg.dataset, cfg.dataset_config, split=cfg.split, streaming=cfg.streaming)
     except Exception as e:  # datasets raises many types (ValueError, ConnectionError, arrow errors ...)
@@ -170,20 +169,22 @@ def medical_qa_texts(data_dir: str | None) -> ConcatTexts:
     offline = hub_offline()  # before the import: datasets reads the switch once, at import
     if data_dir is not None and not Path(data_dir).expanduser().is_dir():
         raise HarvestError(f"data_dir={data_dir!r} is not a folder: pass the folder holding the local copies")
-    return ConcatTexts([FormattedTexts(_medical_qa_part(source, data_dir, offline), source.format)
-                        for source in SOURCES])
+    return ConcatTexts(
+        [FormattedTexts(_medical_qa_part(source, data_dir, offline), source.format) for source in SOURCES]
+    )
 
 
 def _medical_qa_part(source: MedicalQASource, data_dir: str | None, offline: bool):
     """One dataset of the mixture, from data_dir/<folder>/ or the hub, checked by formatting its first example."""
     import datasets
 
-    where = f"{source.repo} ({source.split} split, part of dataset=\"{MEDICAL_QA_DATASET}\")"
+    where = f'{source.repo} ({source.split} split, part of dataset="{MEDICAL_QA_DATASET}")'
     if data_dir is not None:
         files = _mirror_files(Path(data_dir).expanduser() / source.folder, source.split, where)
         try:
-            ds = datasets.load_dataset(_BUILDERS[Path(files[0]).suffix], data_files={source.split: files},
-                                       split=source.split)
+            ds = datasets.load_dataset(
+                _BUILDERS[Path(files[0]).suffix], data_files={source.split: files}, split=source.split
+            )
         except Exception as e:
             raise HarvestError(f"cannot read the local copy of {where}, {files}: {type(e).__name__}: {e}") from e
     else:

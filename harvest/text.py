@@ -90,10 +90,13 @@ class _RowPlan:
         examples = self._examples(start["epoch"], start["index"])
         while True:
             batch = list(itertools.islice(examples, CHUNK_EXAMPLES))
-            ids = self._tokenize([text for _, _, text, _ in batch], truncation=True,
-                                 max_length=self.context_size - len(self.prefix))
-            yield [([*self.prefix, *row], {"epoch": epoch + int(last), "index": 0 if last else index + 1})
-                   for (epoch, index, _, last), row in zip(batch, ids)]
+            ids = self._tokenize(
+                [text for _, _, text, _ in batch], truncation=True, max_length=self.context_size - len(self.prefix)
+            )
+            yield [
+                ([*self.prefix, *row], {"epoch": epoch + int(last), "index": 0 if last else index + 1})
+                for (epoch, index, _, last), row in zip(batch, ids)
+            ]
 
     def _packed(self, start: dict) -> Iterator[list[tuple[list[int], dict]]]:
         """Examples concatenated, each followed by EOS, cut into rows of context_size tokens after the prefix.
@@ -110,8 +113,9 @@ class _RowPlan:
         while True:
             batch = list(itertools.islice(examples, CHUNK_EXAMPLES))
             out = []
-            for (epoch, index, _, last), tokens in zip(batch, self._tokenize([t for _, _, t, _ in batch],
-                                                                              verbose=False)):
+            for (epoch, index, _, last), tokens in zip(
+                batch, self._tokenize([t for _, _, t, _ in batch], verbose=False)
+            ):
                 if epoch != epoch_seen:
                     if epoch_whole and epoch_tokens == 0:
                         raise HarvestError("the dataset yields no tokens to pack: every example is empty")
@@ -127,7 +131,7 @@ class _RowPlan:
                         k += 1
                     else:
                         n = min(budget - len(row), len(tokens) - k)
-                        row += tokens[k:k + n]
+                        row += tokens[k : k + n]
                         k += n
                     if len(row) == budget:
                         # Only the EOS left of this example: the next row would drop it, so it starts after.
@@ -172,8 +176,17 @@ class TokenRows:
     tokenizer (a fast tokenizer's settings are per object, so two threads must not share one).
     """
 
-    def __init__(self, texts: Sequence[str] | TextStream, tokenizer, context_size: int, data_seed: int = 0,
-                 max_examples: int | None = None, *, packing: bool = False, prefetch: bool = False):
+    def __init__(
+        self,
+        texts: Sequence[str] | TextStream,
+        tokenizer,
+        context_size: int,
+        data_seed: int = 0,
+        max_examples: int | None = None,
+        *,
+        packing: bool = False,
+        prefetch: bool = False,
+    ):
         streaming = isinstance(texts, TextStream)
         if not streaming and len(texts) == 0:
             raise HarvestError("the dataset has no examples: check dataset and split")
@@ -183,8 +196,9 @@ class TokenRows:
         self.packing, self.prefetch = packing, prefetch
         self.prefix = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
         self.num_examples = None if streaming else min(len(texts), max_examples or len(texts))
-        self._plan = _RowPlan(texts, tokenizer, context_size, data_seed, self.num_examples, max_examples,
-                              tuple(self.prefix), packing)
+        self._plan = _RowPlan(
+            texts, tokenizer, context_size, data_seed, self.num_examples, max_examples, tuple(self.prefix), packing
+        )
         self._thread_plan: _RowPlan | None = None
         self._start = self._normalise({"epoch": 0, "index": 0})
         # Rows produced from _start on; those before _cursor have been taken. Kept from the latest take() on,
@@ -277,5 +291,12 @@ class TokenRows:
 def token_rows(cfg: DataConfig, tokenizer, prefetch: bool = True) -> TokenRows:
     """The token rows cfg describes (map-style or streamed, one example per row or packed), tokenised ahead
     in a background thread unless prefetch is False."""
-    return TokenRows(load_texts(cfg), tokenizer, cfg.context_size, cfg.data_seed, cfg.max_examples,
-                     packing=cfg.packing, prefetch=prefetch)
+    return TokenRows(
+        load_texts(cfg),
+        tokenizer,
+        cfg.context_size,
+        cfg.data_seed,
+        cfg.max_examples,
+        packing=cfg.packing,
+        prefetch=prefetch,
+    )

@@ -158,8 +158,9 @@ def latent_grads(
     if out_rows is None:
         out_rows = pairs.latents
     elif out_rows.shape != pairs.latents.shape:
-        raise ValueError(f"out_rows must have one row per latent, {tuple(pairs.latents.shape)}; got "
-                         f"{tuple(out_rows.shape)}")
+        raise ValueError(
+            f"out_rows must have one row per latent, {tuple(pairs.latents.shape)}; got {tuple(out_rows.shape)}"
+        )
     if L:
         # Without the encoder the HAS_ENC=False kernel reads none of its pointers: any valid tensor stands in.
         encoder_args = (

@@ -36,8 +36,10 @@ def check_kernel_tensors(**tensors: Tensor) -> None:
                 "TRITON_INTERPRET=1 set before importing kernels); use kernels.reference elsewhere"
             )
         if interp and t.dtype == torch.bfloat16:
-            raise ValueError(f"{name} is bfloat16, which Triton's interpreter cannot read; test in float32, or with "
-                             "float16 (compute_dtype=torch.float16 runs the same 16-bit path)")
+            raise ValueError(
+                f"{name} is bfloat16, which Triton's interpreter cannot read; test in float32, or with "
+                "float16 (compute_dtype=torch.float16 runs the same 16-bit path)"
+            )
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()}); call .contiguous() first")
 

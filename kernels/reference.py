@@ -155,7 +155,12 @@ def step(z: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
 
 
 def encode(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float,
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
     compute_dtype: torch.dtype | None = None,
 ) -> Encoded:
     """Encode x [B, D] into dense JumpReLU activations [B, F] and the per-row L0 [B] (module docstring)."""

@@ -60,8 +60,15 @@ class Operands(NamedTuple):
 
 
 def checked_operands(
-    x: Tensor, W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float,
-    compute_dtype: torch.dtype | None, kept: tuple[Tensor, Tensor] | None = None,
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor,
+    W_dec: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    compute_dtype: torch.dtype | None,
+    kept: tuple[Tensor, Tensor] | None = None,
 ) -> Operands:
     """Every check of a public kernel step's inputs, once per call, and the products' operands.
 
@@ -127,8 +134,15 @@ def _sort_rows(idx: Tensor, val: Tensor, counts: Tensor) -> tuple[Tensor, Tensor
 
 
 def sae_fwd(
-    ops: Operands, b_enc: Tensor, b_dec: Tensor, threshold: Tensor, bandwidth: float, x_hat_dtype: torch.dtype,
-    capacity: int | None, window_capacity: int | None, blocks: Blocks,
+    ops: Operands,
+    b_enc: Tensor,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    x_hat_dtype: torch.dtype,
+    capacity: int | None,
+    window_capacity: int | None,
+    blocks: Blocks,
 ) -> tuple[Tensor, Active]:
     """The encode, each row's active set sorted by value, and the decode: (x_hat [B, D] in x_hat_dtype, Active).
 
@@ -142,8 +156,18 @@ def sae_fwd(
 
 
 def sae_bwd(
-    ops: Operands, b_dec: Tensor, threshold: Tensor, bandwidth: float, active: Active, g: Tensor, g_l0: Tensor,
-    dtypes: GradDtypes, blocks: Blocks, *, compact: bool = False, grad_x: bool = False,
+    ops: Operands,
+    b_dec: Tensor,
+    threshold: Tensor,
+    bandwidth: float,
+    active: Active,
+    g: Tensor,
+    g_l0: Tensor,
+    dtypes: GradDtypes,
+    blocks: Blocks,
+    *,
+    compact: bool = False,
+    grad_x: bool = False,
 ) -> Grads:
     """Every gradient of the step from the forward's compact lists (module docstring).
 

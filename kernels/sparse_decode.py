@@ -86,7 +86,12 @@ def _gather_dot_kernel(
 
 
 def decode_rows(
-    indices: Tensor, values: Tensor, counts: Tensor, W: Tensor, bias: Tensor | None, out_dtype: torch.dtype,
+    indices: Tensor,
+    values: Tensor,
+    counts: Tensor,
+    W: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
     blocks: tuple[int, int] = (32, 128),
 ) -> Tensor:
     """out [B, D] = sum over k < counts[b] of values[b, k] * W[indices[b, k]] (+ bias). W may be strided."""

@@ -92,8 +92,10 @@ def threshold_grad(
     if out_rows is None:
         out, out_rows = torch.zeros_like(threshold), window.latents
     elif out_rows.shape != window.latents.shape or num_out is None:
-        raise ValueError(f"compact mode needs num_out and one out_rows entry per latent {tuple(window.latents.shape)};"
-                         f" got out_rows {tuple(out_rows.shape)}, num_out {num_out}")
+        raise ValueError(
+            f"compact mode needs num_out and one out_rows entry per latent {tuple(window.latents.shape)};"
+            f" got out_rows {tuple(out_rows.shape)}, num_out {num_out}"
+        )
     else:
         out = torch.zeros(num_out, dtype=threshold.dtype, device=threshold.device)
     if L:

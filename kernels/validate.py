@@ -59,9 +59,7 @@ def check_sae_inputs(
     }
     for name, (tensor, shape) in expected.items():
         if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but W_enc [D={d_in}, F={d_sae}] implies {shape}"
-            )
+            raise ValueError(f"{name} has shape {tuple(tensor.shape)} but W_enc [D={d_in}, F={d_sae}] implies {shape}")
     for name, tensor in {"W_enc": W_enc, **{k: v for k, (v, _) in expected.items()}}.items():
         if not tensor.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor; got {tensor.dtype}")

@@ -1,11 +1,11 @@
 """`python -m sae` (or the `saekit` console script): the command line.
 
-    python -m sae train                       # the embedded offline default: Gemma-3 270M, ICD-10-CM text
-    python -m sae train --resume runs/default # continue an interrupted run where its last checkpoint left off
-    python -m sae train --help                # every setting, grouped by section, with its default
-    python -m sae sweep --grid target_l0=16,32 --grid layer=6,12   # four SAEs from one harvest
-    python -m sae eval runs/default           # held-out metrics, delta CE, dark matter, feature browser
-    python -m sae select --seeds seeds.txt --pool icd10-cm --out runs/sel --token-budget 200000  # domain text
+python -m sae train                       # the embedded offline default: Gemma-3 270M, ICD-10-CM text
+python -m sae train --resume runs/default # continue an interrupted run where its last checkpoint left off
+python -m sae train --help                # every setting, grouped by section, with its default
+python -m sae sweep --grid target_l0=16,32 --grid layer=6,12   # four SAEs from one harvest
+python -m sae eval runs/default           # held-out metrics, delta CE, dark matter, feature browser
+python -m sae select --seeds seeds.txt --pool icd10-cm --out runs/sel --token-budget 200000  # domain text
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ only prints its summary. Results: OUT/selection.jsonl (text, score, source_index
 """
 
 
-def _command(commands, name: str, config_cls: type, progress_help: str = "no progress bars",
-             **kwargs) -> argparse.ArgumentParser:
+def _command(
+    commands, name: str, config_cls: type, progress_help: str = "no progress bars", **kwargs
+) -> argparse.ArgumentParser:
     """Subcommand `name`: one flag per field of `config_cls` (sae.config_cli), --no-progress, and `kwargs` of
     argparse's add_parser (help, description, ...)."""
     parser = commands.add_parser(name, **kwargs)
@@ -55,7 +56,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="saekit: train JumpReLU sparse autoencoders.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = _command(
-        commands, "train", TrainConfig, "no progress bars (log lines still go to metrics.jsonl)",
+        commands,
+        "train",
+        TrainConfig,
+        "no progress bars (log lines still go to metrics.jsonl)",
         help="train a JumpReLU SAE on activations harvested live from a language model",
         description=(
             "Train a JumpReLU SAE on activations harvested live from a language model. With no flags it trains "
@@ -64,12 +68,16 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     train.add_argument(
-        "--resume", metavar="PATH", default=None,
+        "--resume",
+        metavar="PATH",
+        default=None,
         help="continue from a run folder (its latest checkpoint) or a checkpoint folder; the saved config is "
         "used, and flags given here may change only the objective, optimiser and run settings",
     )
     sweep = _command(
-        commands, "sweep", TrainConfig,
+        commands,
+        "sweep",
+        TrainConfig,
         help="train several SAEs (layers, widths, L0 targets, ...) from one harvest: one LM forward per batch",
         description=(
             "Train one SAE per combination of the --grid values, all from the same harvested batches (the "
@@ -78,14 +86,23 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     sweep.add_argument(
-        "--grid", action="append", default=[], metavar="FIELD=V1,V2",
+        "--grid",
+        action="append",
+        default=[],
+        metavar="FIELD=V1,V2",
         help="a field and its values, e.g. target_l0=16,32 (repeatable: the sweep is every combination). "
         "Sweepable: layer, seed and the fields of the sae, objective and optim sections except batch_size",
     )
-    sweep.add_argument("--resume", metavar="OUT_DIR", default=None,
-                       help="continue a sweep from its folder (every member from its latest checkpoint)")
+    sweep.add_argument(
+        "--resume",
+        metavar="OUT_DIR",
+        default=None,
+        help="continue a sweep from its folder (every member from its latest checkpoint)",
+    )
     evaluate = _command(
-        commands, "eval", EvalCommand,
+        commands,
+        "eval",
+        EvalCommand,
         help="compare SAEs side by side on held-out tokens (explained variance, L0, dead latents, delta CE, ...)",
         description=(
             "Evaluate one or several SAEs on the same held-out tokens of a live model: reconstruction (FVU about "
@@ -93,18 +110,27 @@ def _parser() -> argparse.ArgumentParser:
             "Writes report.json and report.md. Model, layer and data default to the first SAE's metadata."
         ),
     )
-    evaluate.add_argument("saes", nargs="+", metavar="SAE",
-                          help="run folders, checkpoint or SAELens-style folders, or Gemma Scope params.npz files")
+    evaluate.add_argument(
+        "saes",
+        nargs="+",
+        metavar="SAE",
+        help="run folders, checkpoint or SAELens-style folders, or Gemma Scope params.npz files",
+    )
     _command(
-        commands, "select", SelectCommand, "no progress bar",
+        commands,
+        "select",
+        SelectCommand,
+        "no progress bar",
         help="select the pool texts nearest to a few in-domain seed texts, up to a token budget (training text)",
         description=textwrap.fill(
             "Dense-retrieval data selection (as in the Specialized SAEs paper): embed the seed texts and every "
             "pool text with a sentence encoder, score each pool text by its cosine similarity to the seeds, and "
             "keep the best-scoring ones until the token budget is full. The pool is read in chunks and only the "
-            "running selection is held in memory, so the pool may be larger than RAM.", width=100,
+            "running selection is held in memory, so the pool may be larger than RAM.",
+            width=100,
         ),
-        epilog=_SELECT_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=_SELECT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     return parser
 
@@ -123,7 +149,11 @@ def train(args: argparse.Namespace) -> int:
     device = resolve_device(cfg.run.device)
     print(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")
     source = Harvester(
-        cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, device=str(device),
+        cfg.model,
+        cfg.data,
+        cfg.buffer,
+        batch_size=cfg.optim.batch_size,
+        device=str(device),
         progress=not args.no_progress,
     )
     print(source.describe())
@@ -144,13 +174,16 @@ def train(args: argparse.Namespace) -> int:
         f"  checkpoint          {summary.checkpoint}\n"
         f"  L0                  {summary.l0:.1f} (mean over the last {cfg.run.log_every} steps)\n"
         f"  explained variance  {summary.explained_variance:.3f} (same steps; variance about the mean)\n"
-        f"  dead latents        {summary.dead_fraction:.1%} (no fire in the last {summary.dead_window_tokens:,} tokens)\n"
+        f"  dead latents        {summary.dead_fraction:.1%} "
+        f"(no fire in the last {summary.dead_window_tokens:,} tokens)\n"
         f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
     )
     counts = source.stats()
     if counts["nonfinite_dropped"] or trainer.skipped_batches:
-        print(f"  dropped             {counts['nonfinite_dropped']:,} non-finite activations of "
-              f"{counts['harvested_tokens']:,} harvested; {trainer.skipped_batches} batches skipped")
+        print(
+            f"  dropped             {counts['nonfinite_dropped']:,} non-finite activations of "
+            f"{counts['harvested_tokens']:,} harvested; {trainer.skipped_batches} batches skipped"
+        )
     return 0
 
 
@@ -168,8 +201,10 @@ def sweep(args: argparse.Namespace) -> int:
         overrides.setdefault("run", {}).setdefault("out_dir", "runs/sweep")
     cfg = build_config(TrainConfig, overrides, base)
     run = Sweep(cfg, grid, resume=args.resume is not None, progress=not args.no_progress)
-    print(f"saekit sweep: {len(run.trainers)} SAEs from one harvest of {cfg.model.model} layers "
-          f"{sorted(run.harvester.layers)}; {run.harvester.describe()}")
+    print(
+        f"saekit sweep: {len(run.trainers)} SAEs from one harvest of {cfg.model.model} layers "
+        f"{sorted(run.harvester.layers)}; {run.harvester.describe()}"
+    )
     try:
         summaries = run.fit()
     except KeyboardInterrupt:
@@ -180,8 +215,10 @@ def sweep(args: argparse.Namespace) -> int:
         if name in run.stopped:
             print(f"  {name:<40} stopped (not resumed; its last good checkpoint is kept): see sweep.json")
             continue
-        print(f"  {name:<40} L0 {summary.l0:6.1f}  EV {summary.explained_variance:.3f}  "
-              f"dead {summary.dead_fraction:.1%}  {summary.checkpoint}")
+        print(
+            f"  {name:<40} L0 {summary.l0:6.1f}  EV {summary.explained_variance:.3f}  "
+            f"dead {summary.dead_fraction:.1%}  {summary.checkpoint}"
+        )
     return 0
 
 
@@ -201,16 +238,22 @@ def select(args: argparse.Namespace) -> int:
     from harvest.select import select as run_select
 
     cfg = build_config(SelectCommand, given_flags(args, SelectCommand)).select
-    print(f"saekit select: seeds {cfg.seeds}, pool {cfg.pool}, encoder {cfg.encoder}, budget {cfg.token_budget:,} "
-          f"tokens of {cfg.tokenizer_model} -> {cfg.out}", file=sys.stderr)
+    print(
+        f"saekit select: seeds {cfg.seeds}, pool {cfg.pool}, encoder {cfg.encoder}, budget {cfg.token_budget:,} "
+        f"tokens of {cfg.tokenizer_model} -> {cfg.out}",
+        file=sys.stderr,
+    )
     try:
         s = run_select(cfg, progress=not args.no_progress)
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to continue from {cfg.out}", file=sys.stderr)
         return 130
     if s.selected == 0:
-        print("warning: nothing was selected: the best-scoring text alone has more tokens than --token-budget; "
-              "raise it, or cap each text's count with --context-size", file=sys.stderr)
+        print(
+            "warning: nothing was selected: the best-scoring text alone has more tokens than --token-budget; "
+            "raise it, or cap each text's count with --context-size",
+            file=sys.stderr,
+        )
     print(
         f"selected {s.selected:,} of {s.pool_size:,} pool texts ({s.skipped_empty:,} empty), "
         f"{s.tokens:,} of {s.token_budget:,} tokens, from {s.seeds} seeds\n"

@@ -117,8 +117,12 @@ def write_checkpoint(
         previous = latest.read_text().strip() if latest.exists() else None
         raise CheckpointWriteError(
             f"could not write checkpoint {name} ({err}); "
-            + (f"{checkpoints_dir / previous} is still the latest checkpoint: free space (or fix the disk) and "
-               f"continue with --resume {checkpoints_dir.parent}" if previous else "no earlier checkpoint exists")
+            + (
+                f"{checkpoints_dir / previous} is still the latest checkpoint: free space (or fix the disk) and "
+                f"continue with --resume {checkpoints_dir.parent}"
+                if previous
+                else "no earlier checkpoint exists"
+            )
         ) from err
     if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap, then drop the old
         old = checkpoints_dir / f".old-{name}-{os.getpid()}"
@@ -206,7 +210,11 @@ def load_sae_weights(folder: str | Path) -> tuple[dict[str, Tensor], dict[str, A
 
 def check_weight_shapes(weights: dict[str, Tensor], d_in: int, d_sae: int, where: str) -> None:
     expected = {
-        "W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,), "threshold": (d_sae,),
+        "W_enc": (d_in, d_sae),
+        "b_enc": (d_sae,),
+        "W_dec": (d_sae, d_in),
+        "b_dec": (d_in,),
+        "threshold": (d_sae,),
     }
     for name in PARAM_NAMES:
         if name not in weights:

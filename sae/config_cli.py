@@ -120,8 +120,12 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
             help_text = f"{docs.get(f.name, '')} {note}".replace("%", "%%")  # argparse formats help
             if kind is bool:
                 group.add_argument(
-                    flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                    default=argparse.SUPPRESS, required=required, help=help_text,
+                    flag(f.name),
+                    dest=f.name,
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
+                    required=required,
+                    help=help_text,
                 )
                 continue
             values = choices(section_hints[f.name])
@@ -131,8 +135,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type) -> N
                 parse = _parse_optional(kind) if optional else kind
                 values = (*values, None) if optional else values
             group.add_argument(
-                flag(f.name), dest=f.name, type=parse, default=argparse.SUPPRESS, required=required,
-                choices=values, metavar=None if values is not None else kind.__name__.upper(), help=help_text,
+                flag(f.name),
+                dest=f.name,
+                type=parse,
+                default=argparse.SUPPRESS,
+                required=required,
+                choices=values,
+                metavar=None if values is not None else kind.__name__.upper(),
+                help=help_text,
             )
 
 
@@ -172,8 +182,11 @@ def build_config(config_cls: type, overrides: dict[str, dict[str, Any]], base: d
     hints = typing.get_type_hints(config_cls)
     if base is None:
         base = {
-            section.name: {f.name: _default(f) for f in dataclasses.fields(hints[section.name])
-                           if _default(f) is not dataclasses.MISSING}
+            section.name: {
+                f.name: _default(f)
+                for f in dataclasses.fields(hints[section.name])
+                if _default(f) is not dataclasses.MISSING
+            }
             for section in dataclasses.fields(config_cls)
         }
     data = {name: dict(values) for name, values in base.items()}

@@ -49,8 +49,12 @@ def non_finite_parameters(params: Mapping[str, Tensor]) -> list[str]:
 
 
 def stop_message(step: int, quantity: str, value: float, last_checkpoint: str | None) -> str:
-    where = (f"the last good checkpoint is {last_checkpoint}; continue from it with --resume after changing the "
-             "setting at fault" if last_checkpoint else "no checkpoint was written yet")
+    where = (
+        f"the last good checkpoint is {last_checkpoint}; continue from it with --resume after changing the "
+        "setting at fault"
+        if last_checkpoint
+        else "no checkpoint was written yet"
+    )
     return f"training stopped at step {step}: the {quantity} is {value} (not finite). {LIKELY_CAUSES}. {where}."
 
 
@@ -70,9 +74,11 @@ class LossWatch:
             self.streak += 1
             if self.streak >= self.patience and not self.warned:
                 self.warned = True
-                return (f"warning: the loss has stayed above {self.factor:g}x its running level ({self.level:.4g}) "
-                        f"for {self.streak} steps, now {loss:.4g} at step {step}: the run may be diverging "
-                        "(a learning rate too high?)")
+                return (
+                    f"warning: the loss has stayed above {self.factor:g}x its running level ({self.level:.4g}) "
+                    f"for {self.streak} steps, now {loss:.4g} at step {step}: the run may be diverging "
+                    "(a learning rate too high?)"
+                )
             return None
         self.streak, self.warned = 0, False
         self.level = loss if self.level is None else self.decay * self.level + (1 - self.decay) * loss

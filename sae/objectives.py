@@ -10,7 +10,6 @@ from typing import Literal, NamedTuple, get_args
 import torch
 from torch import Tensor
 
-
 SparsityKind = Literal["l0", "target_l0"]
 SPARSITY_KINDS: tuple[str, ...] = get_args(SparsityKind)
 

@@ -41,7 +41,7 @@ def resolve_compute_dtype(name: str | torch.dtype, backend: str) -> torch.dtype:
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """"auto" is "triton" on CUDA and "reference" elsewhere; "triton" off CUDA needs Triton's interpreter."""
+    """ "auto" is "triton" on CUDA and "reference" elsewhere; "triton" off CUDA needs Triton's interpreter."""
     if name not in BACKENDS:
         raise ConfigError(f"unknown SAE backend {name!r}; choose one of {BACKENDS}")
     if name == "auto":

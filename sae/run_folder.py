@@ -53,8 +53,9 @@ class RunFolder:
         self, step: int, sae_weights: dict[str, Tensor], sae_cfg: dict[str, Any], state_info: dict[str, Any],
         state_tensors: dict[str, Tensor], keep: int,
     ) -> Path:  # fmt: skip
-        return ckpt.write_checkpoint(self.path / "checkpoints", step, sae_weights, sae_cfg, state_info, state_tensors,
-                                     keep)
+        return ckpt.write_checkpoint(
+            self.path / "checkpoints", step, sae_weights, sae_cfg, state_info, state_tensors, keep
+        )
 
     def latest_checkpoint(self) -> Path | None:
         """The newest checkpoint; None before the first."""

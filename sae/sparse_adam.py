@@ -148,8 +148,16 @@ class LazyAdam:
         for name, slot in self._slots.items():
             grad = grads[name]
             if slot.latent_dim is None:
-                _adam_update(slot.param, slot.exp_avg_sq, grad, self.beta2, self.beta2,
-                             bias_correction2_sqrt, self.eps, lrs[name])
+                _adam_update(
+                    slot.param,
+                    slot.exp_avg_sq,
+                    grad,
+                    self.beta2,
+                    self.beta2,
+                    bias_correction2_sqrt,
+                    self.eps,
+                    lrs[name],
+                )
                 continue
             dim = slot.latent_dim
             shape = [1] * slot.param.dim()
@@ -157,8 +165,16 @@ class LazyAdam:
             # Gather the touched slices (T/F of the bytes), update them in place, scatter them back.
             param = slot.param.index_select(dim, touched)
             exp_avg_sq = slot.exp_avg_sq.index_select(dim, touched)
-            _adam_update(param, exp_avg_sq, grad, decay.to(slot.param.dtype).view(shape), self.beta2,
-                         bias_correction2_sqrt, self.eps, lrs[name])
+            _adam_update(
+                param,
+                exp_avg_sq,
+                grad,
+                decay.to(slot.param.dtype).view(shape),
+                self.beta2,
+                bias_correction2_sqrt,
+                self.eps,
+                lrs[name],
+            )
             slot.param.index_copy_(dim, touched, param)
             slot.exp_avg_sq.index_copy_(dim, touched, exp_avg_sq)
         if self._last_step is not None:
@@ -209,27 +225,34 @@ class LazyAdam:
         expected = set(self.state_dict())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"optimizer state does not match the registered parameters: missing {missing}, "
-                             f"unexpected {extra}")
+            raise ValueError(
+                f"optimizer state does not match the registered parameters: missing {missing}, unexpected {extra}"
+            )
         for key in ("beta2", "eps"):
             if float(state[key]) != getattr(self, key):
-                raise ValueError(f"the state was written with {key}={float(state[key])}, this optimizer has "
-                                 f"{key}={getattr(self, key)}")
+                raise ValueError(
+                    f"the state was written with {key}={float(state[key])}, this optimizer has "
+                    f"{key}={getattr(self, key)}"
+                )
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"step must be non-negative; got {step}")
         if self._last_step is not None:
             last = state["latent_last_step"]
             if last.shape != self._last_step.shape or last.dtype != torch.int64:
-                raise ValueError(f"latent_last_step should be int64 of shape {tuple(self._last_step.shape)}; got "
-                                 f"{last.dtype} {tuple(last.shape)}")
+                raise ValueError(
+                    f"latent_last_step should be int64 of shape {tuple(self._last_step.shape)}; got "
+                    f"{last.dtype} {tuple(last.shape)}"
+                )
             if bool((last < 0).any()) or bool((last > step).any()):
                 raise ValueError(f"latent_last_step must lie in [0, step={step}]")
         for name, slot in self._slots.items():
             v = state[f"{name}.exp_avg_sq"]
             if v.shape != slot.exp_avg_sq.shape or v.dtype != slot.exp_avg_sq.dtype:
-                raise ValueError(f"{name}.exp_avg_sq should be {slot.exp_avg_sq.dtype} of shape "
-                                 f"{tuple(slot.exp_avg_sq.shape)}; got {v.dtype} {tuple(v.shape)}")
+                raise ValueError(
+                    f"{name}.exp_avg_sq should be {slot.exp_avg_sq.dtype} of shape "
+                    f"{tuple(slot.exp_avg_sq.shape)}; got {v.dtype} {tuple(v.shape)}"
+                )
         for name, slot in self._slots.items():
             slot.exp_avg_sq.copy_(state[f"{name}.exp_avg_sq"])
         if self._last_step is not None:
@@ -239,8 +262,9 @@ class LazyAdam:
     def _check(self, grads: Mapping[str, Tensor], touched: Tensor, lr: float | Mapping[str, float]) -> dict[str, float]:
         """Validate one step's inputs (see `step`); return the learning rate per name."""
         if set(grads) != set(self._slots):
-            raise ValueError(f"step needs one gradient per registered parameter {sorted(self._slots)}; "
-                             f"got {sorted(grads)}")
+            raise ValueError(
+                f"step needs one gradient per registered parameter {sorted(self._slots)}; got {sorted(grads)}"
+            )
         if isinstance(lr, Mapping):
             if set(lr) != set(self._slots):
                 raise ValueError(f"a per-parameter lr needs exactly the names {sorted(self._slots)}; got {sorted(lr)}")
@@ -251,8 +275,9 @@ class LazyAdam:
             if not value >= 0.0:
                 raise ValueError(f"lr for {name} must be a non-negative number; got {value}")
         if touched.dim() != 1 or touched.dtype != torch.int64:
-            raise ValueError(f"touched must be a 1-D int64 tensor of latent ids; got {touched.dtype} "
-                             f"of shape {tuple(touched.shape)}")
+            raise ValueError(
+                f"touched must be a 1-D int64 tensor of latent ids; got {touched.dtype} of shape {tuple(touched.shape)}"
+            )
         num_touched = touched.shape[0]
         for name, slot in self._slots.items():
             grad = grads[name]
@@ -261,11 +286,15 @@ class LazyAdam:
                 want[slot.latent_dim] = num_touched
             if list(grad.shape) != want:
                 what = "the full" if slot.latent_dim is None else f"the compact (dim {slot.latent_dim} = T)"
-                raise ValueError(f"gradient of {name} has shape {tuple(grad.shape)}; {what} gradient has shape "
-                                 f"{tuple(want)} for T={num_touched} touched latents")
+                raise ValueError(
+                    f"gradient of {name} has shape {tuple(grad.shape)}; {what} gradient has shape "
+                    f"{tuple(want)} for T={num_touched} touched latents"
+                )
             if grad.dtype != slot.param.dtype or grad.device != slot.param.device:
-                raise ValueError(f"gradient of {name} is {grad.dtype} on {grad.device}; the parameter is "
-                                 f"{slot.param.dtype} on {slot.param.device}")
+                raise ValueError(
+                    f"gradient of {name} is {grad.dtype} on {grad.device}; the parameter is "
+                    f"{slot.param.dtype} on {slot.param.device}"
+                )
         if self._last_step is not None and touched.device != self._last_step.device:
             raise ValueError(f"touched is on {touched.device}; the parameters are on {self._last_step.device}")
         if self.validate and num_touched > 0:
@@ -277,8 +306,16 @@ class LazyAdam:
         return lrs
 
 
-def _adam_update(param: Tensor, exp_avg_sq: Tensor, grad: Tensor, decay: float | Tensor, beta2: float,
-                 bias_correction2_sqrt: float, eps: float, lr: float) -> None:
+def _adam_update(
+    param: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+    decay: float | Tensor,
+    beta2: float,
+    bias_correction2_sqrt: float,
+    eps: float,
+    lr: float,
+) -> None:
     """torch's single-tensor Adam update for beta1 = 0 (exp_avg = grad, step_size = lr), in place, with the
     second moment decayed by `decay` (beta2 for a dense parameter, beta2**(k+1) per latent for a lazy one)."""
     exp_avg_sq.mul_(decay).addcmul_(grad, grad, value=1.0 - beta2)

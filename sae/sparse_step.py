@@ -219,12 +219,23 @@ class SparseStep:
         self.capacity: int | None = None  # None: the kernel's default for the first batch
 
     def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
-        step = sparse_train_step(self.model, self.optimizer, x, lr, objective, self.max_grad_norm,
-                                 capacity=self.capacity)
+        step = sparse_train_step(
+            self.model, self.optimizer, x, lr, objective, self.max_grad_norm, capacity=self.capacity
+        )
         self.capacity = min(self.model.d_sae, max(8, math.ceil(1.25 * step.max_l0)))
         st = step.stats
-        return StepResult(st.loss, st.reconstruction, st.mse, st.sparsity, st.l0, st.explained_variance,
-                          st.grad_norm, float(step.reruns), step.indices, step.values)
+        return StepResult(
+            st.loss,
+            st.reconstruction,
+            st.mse,
+            st.sparsity,
+            st.l0,
+            st.explained_variance,
+            st.grad_norm,
+            float(step.reruns),
+            step.indices,
+            step.values,
+        )
 
     def state_dict(self) -> dict[str, Tensor]:
         return {f"{SPARSE_PREFIX}{k}": v for k, v in self.optimizer.state_dict().items()}

@@ -7,8 +7,9 @@ same mathematics (RECIPES section 1; tests/test_sparse_step.py compares them):
     DenseStep   (sae/dense_step.py)   autograd through the SAE forward, torch Adam over every parameter
     SparseStep  (sae/sparse_step.py)  the Triton kernels' compact gradients, LazyAdam over the touched latents
 
-`sae.trainer.make_step` picks one, once. A step's optimizer state is saved in the checkpoint's training_state.safetensors under its own prefix
-("optim." dense, "lazy_adam." sparse), and each step loads either format, so a run may change backend on resume.
+`sae.trainer.make_step` picks one, once. A step's optimizer state is saved in the checkpoint's
+training_state.safetensors under its own prefix ("optim." dense, "lazy_adam." sparse), and each step loads
+either format, so a run may change backend on resume.
 """
 
 from __future__ import annotations
@@ -62,10 +63,10 @@ def saved_optimizer_state(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[st
     lazy: dict[str, Tensor] = {}
     for key, value in tensors.items():
         if key.startswith(DENSE_PREFIX):
-            name, moment = key[len(DENSE_PREFIX):].split(".", 1)
+            name, moment = key[len(DENSE_PREFIX) :].split(".", 1)
             adam.setdefault(name, {})[moment] = value
         elif key.startswith(SPARSE_PREFIX):
-            lazy[key[len(SPARSE_PREFIX):]] = value
+            lazy[key[len(SPARSE_PREFIX) :]] = value
     return adam, lazy
 
 

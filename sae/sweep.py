@@ -36,8 +36,9 @@ def _field_types() -> dict[str, tuple[str, Any]]:
     for section in dataclasses.fields(TrainConfig):
         section_hints = typing.get_type_hints(hints[section.name])
         for f in dataclasses.fields(hints[section.name]):
-            if (section.name in _SWEEPABLE_SECTIONS and f.name not in _NOT_SWEEPABLE) or \
-                    _EXTRA_SWEEPABLE.get(f.name) == section.name:
+            if (section.name in _SWEEPABLE_SECTIONS and f.name not in _NOT_SWEEPABLE) or _EXTRA_SWEEPABLE.get(
+                f.name
+            ) == section.name:
                 out[f.name] = (section.name, value_parser(section_hints[f.name])[1])
     return out
 
@@ -94,8 +95,15 @@ class Sweep:
         self.members = members(base, grid)
         layers = list(dict.fromkeys(cfg.model.layer for _, cfg in self.members))
         device = resolve_device(base.run.device)
-        self.harvester = Harvester(base.model, base.data, base.buffer, batch_size=base.optim.batch_size,
-                                   device=str(device), layers=layers, progress=progress)
+        self.harvester = Harvester(
+            base.model,
+            base.data,
+            base.buffer,
+            batch_size=base.optim.batch_size,
+            device=str(device),
+            layers=layers,
+            progress=progress,
+        )
         self.fanout = fanout = Fanout(self.harvester, len(self.members))
         self.stopped: dict[str, str] = self._stopped_before() if resume else {}
         self.trainers = []
@@ -107,12 +115,21 @@ class Sweep:
             i = layers.index(cfg.model.layer)
             select = (lambda x: x) if len(layers) == 1 else (lambda x, i=i: x[:, i])
             view = fanout.view(k, select, d_in=self.harvester.d_in)
-            self.trainers.append(Trainer(cfg, view, metadata=self.harvester.metadata(cfg.model.layer),
-                                         resume=cfg.run.out_dir if resume else None, progress=False))
+            self.trainers.append(
+                Trainer(
+                    cfg,
+                    view,
+                    metadata=self.harvester.metadata(cfg.model.layer),
+                    resume=cfg.run.out_dir if resume else None,
+                    progress=False,
+                )
+            )
         steps = {t.step for t in self.trainers if t is not None}
         if len(steps) > 1:
-            raise ConfigError(f"the sweep's members were saved at different steps {sorted(steps)}; resume them one "
-                              "by one with python -m sae train --resume")
+            raise ConfigError(
+                f"the sweep's members were saved at different steps {sorted(steps)}; resume them one "
+                "by one with python -m sae train --resume"
+            )
         if not steps:
             raise ConfigError(f"every member of the sweep in {self.out_dir} had stopped; see its {SWEEP_FILE}")
         self._write_spec()
@@ -140,8 +157,13 @@ class Sweep:
         """
         trainers = self.trainers
         active = [k for k, (name, _) in enumerate(self.members) if name not in self.stopped]
-        bar = tqdm(total=self.base.run.steps, initial=trainers[active[0]].step, unit="step",
-                   disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.base.run.steps,
+            initial=trainers[active[0]].step,
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         try:
             while not trainers[active[0]].done:
                 stats = {}
@@ -158,15 +180,21 @@ class Sweep:
                 lead = trainers[active[0]]
                 if lead.step % self.base.run.log_every == 0 or lead.done:
                     tokens_per_s = lead.last_logged.get("tokens_per_s_run", 0.0)
-                    bar.set_postfix({"tok/s": f"{tokens_per_s:,.0f}",
-                                     "L0": "/".join(f"{s.l0:.0f}" if s else "-" for s in stats.values())},
-                                    refresh=False)
+                    bar.set_postfix(
+                        {
+                            "tok/s": f"{tokens_per_s:,.0f}",
+                            "L0": "/".join(f"{s.l0:.0f}" if s else "-" for s in stats.values()),
+                        },
+                        refresh=False,
+                    )
                 bar.update(1)
         except KeyboardInterrupt:
             saved = [trainers[k].save_if_unsaved() for k in active]
             if any(saved):
-                bar.write(f"interrupted at step {trainers[active[0]].step}; saved every member. Continue with "
-                          f"python -m sae sweep --resume {self.out_dir}")
+                bar.write(
+                    f"interrupted at step {trainers[active[0]].step}; saved every member. Continue with "
+                    f"python -m sae sweep --resume {self.out_dir}"
+                )
             raise
         finally:
             bar.close()
@@ -182,6 +210,14 @@ class Sweep:
 
     def _write_spec(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / SWEEP_FILE).write_text(json.dumps(
-            {"grid": self.grid, "config": self.base.to_dict(), "members": [name for name, _ in self.members],
-             "stopped": self.stopped}, indent=2))
+        (self.out_dir / SWEEP_FILE).write_text(
+            json.dumps(
+                {
+                    "grid": self.grid,
+                    "config": self.base.to_dict(),
+                    "members": [name for name, _ in self.members],
+                    "stopped": self.stopped,
+                },
+                indent=2,
+            )
+        )

@@ -184,7 +184,8 @@ class Trainer:
         now = self.cfg.to_dict()
         changed = [  # a field the checkpoint predates has taken its default: not a change
             f"--{k.replace('_', '-')} ({saved[s][k]!r} -> {now[s][k]!r})"
-            for s in _FROZEN_SECTIONS for k in now[s]
+            for s in _FROZEN_SECTIONS
+            for k in now[s]
             if k not in _MOVABLE_FIELDS and k in saved.get(s, {}) and saved[s][k] != now[s][k]
         ]
         if saved.get("optim", {}).get("batch_size") != now["optim"]["batch_size"]:
@@ -206,7 +207,9 @@ class Trainer:
         if self.data_position is not None:
             self.batches.load_state_dict(self.data_position)
         elif self.step > 0:
-            warnings.warn("the checkpoint has no data position: the batch source starts again from its beginning")
+            warnings.warn(
+                "the checkpoint has no data position: the batch source starts again from its beginning", stacklevel=2
+            )
 
     # -- one step ----------------------------------------------------------------------------------
 
@@ -221,8 +224,18 @@ class Trainer:
         out = self.stepper(x, lr, objective)
         with torch.no_grad():
             self._track_fires(out.indices, out.values)
-        return StepStats(out.loss, out.reconstruction, out.mse, out.sparsity, out.l0, out.explained_variance,
-                         out.grad_norm, lr, coefficient, out.encode_reruns)
+        return StepStats(
+            out.loss,
+            out.reconstruction,
+            out.mse,
+            out.sparsity,
+            out.l0,
+            out.explained_variance,
+            out.grad_norm,
+            lr,
+            coefficient,
+            out.encode_reruns,
+        )
 
     def _track_fires(self, indices: Tensor, values: Tensor) -> None:
         self.tokens_since_fired += indices.shape[0]
@@ -242,8 +255,9 @@ class Trainer:
         """Train until cfg.run.steps; checkpoint periodically, at the end and on Ctrl-C. A non-finite value
         stops the run with `TrainingHealthError` (or skips the batch, per --on-nonfinite); warnings (an
         exploding loss) are printed above the bar and logged."""
-        bar = tqdm(total=self.cfg.run.steps, initial=self.step, unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True
+        )
         try:
             while not self.done:
                 stats = self.fit_step()
@@ -303,8 +317,10 @@ class Trainer:
         run = self.cfg.run
         if run.on_nonfinite == "skip" and self.skipped_batches < run.max_skipped_batches:
             self.skipped_batches += 1
-            self._alerts.append(f"warning: skipped the batch of step {self.step + 1}: its {bad} "
-                                f"({self.skipped_batches} of at most {run.max_skipped_batches} skips)")
+            self._alerts.append(
+                f"warning: skipped the batch of step {self.step + 1}: its {bad} "
+                f"({self.skipped_batches} of at most {run.max_skipped_batches} skips)"
+            )
             return
         note = f" (after {self.skipped_batches} skipped batches)" if run.on_nonfinite == "skip" else ""
         self._stop(self.step + 1, bad.quantity + note, bad.value)
@@ -327,8 +343,13 @@ class Trainer:
         """The progress bar's figures after a logged step: tokens/s since the run (or resume) started, and the
         share of that time spent waiting for activations (high: the language model is the bottleneck)."""
         last = self.last_logged
-        out = {"tok/s": f"{last.get('tokens_per_s_run', 0.0):,.0f}", "wait": f"{last.get('wait_fraction', 0.0):.0%}",
-               "loss": f"{stats.loss:.4g}", "L0": f"{stats.l0:.1f}", "EV": f"{stats.explained_variance:.3f}"}
+        out = {
+            "tok/s": f"{last.get('tokens_per_s_run', 0.0):,.0f}",
+            "wait": f"{last.get('wait_fraction', 0.0):.0%}",
+            "loss": f"{stats.loss:.4g}",
+            "L0": f"{stats.l0:.1f}",
+            "EV": f"{stats.explained_variance:.3f}",
+        }
         if self._loss_watch.exploding:
             out["warning"] = "loss exploding"
         return out
@@ -343,8 +364,11 @@ class Trainer:
             record[name] = sum(getattr(s, name) for s in window) / len(window)
         elapsed = max(time.perf_counter() - self._run_t0, 1e-9)
         record.update(
-            tokens_per_s=tokens_per_s, dead_fraction=self.dead_fraction(), dead_window_tokens=self.dead_window(),
-            tokens_per_s_run=(self.tokens - self._run_tokens0) / elapsed, wait_fraction=self._wait_s / elapsed,
+            tokens_per_s=tokens_per_s,
+            dead_fraction=self.dead_fraction(),
+            dead_window_tokens=self.dead_window(),
+            tokens_per_s_run=(self.tokens - self._run_tokens0) / elapsed,
+            wait_fraction=self._wait_s / elapsed,
             skipped_batches=self.skipped_batches,
         )
         source_stats = getattr(self.batches.source, "stats", None)  # the harvester's counts, if the source has them
@@ -372,17 +396,29 @@ class Trainer:
             **ckpt.rng_state(),
         }
         state_info = {
-            "step": self.step, "tokens": self.tokens, "scale": self.scale, "d_in": model.d_in,
-            "d_sae": model.d_sae, "data_position": self.data_position, "config": self.cfg.to_dict(),
+            "step": self.step,
+            "tokens": self.tokens,
+            "scale": self.scale,
+            "d_in": model.d_in,
+            "d_sae": model.d_sae,
+            "data_position": self.data_position,
+            "config": self.cfg.to_dict(),
             "skipped_batches": self.skipped_batches,
         }
         extra = {
-            "step": self.step, "tokens": self.tokens, "folded_activation_scale": self.scale,
-            "bandwidth": model.bandwidth, "sparsity": dataclasses.asdict(self.cfg.objective),
+            "step": self.step,
+            "tokens": self.tokens,
+            "folded_activation_scale": self.scale,
+            "bandwidth": model.bandwidth,
+            "sparsity": dataclasses.asdict(self.cfg.objective),
         }
         return self.folder.save_checkpoint(
-            self.step, model.export_raw(self.scale), ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra),
-            state_info, state_tensors, self.cfg.run.keep_checkpoints,
+            self.step,
+            model.export_raw(self.scale),
+            ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra),
+            state_info,
+            state_tensors,
+            self.cfg.run.keep_checkpoints,
         )
 
     def summary(self) -> TrainSummary:

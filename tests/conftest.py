@@ -24,9 +24,12 @@ def one_thread():
     yield
     torch.set_num_threads(threads)
 
+
 N_LAYERS = 4
-WORDS = ("patient presents with acute chest pain radiating to the left arm fever cough dyspnea "
-         "history of diabetes hypertension fracture of femur unspecified sequela encounter").split()
+WORDS = (
+    "patient presents with acute chest pain radiating to the left arm fever cough dyspnea "
+    "history of diabetes hypertension fracture of femur unspecified sequela encounter"
+).split()
 
 
 @pytest.fixture(scope="session")
@@ -39,12 +42,22 @@ def tiny_model(tmp_path_factory) -> str:
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
     specials = ["<pad>", "<eos>", "<bos>", "<unk>"]
     bpe.train_from_iterator([" ".join(WORDS)] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>",
-                                        pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
     config = Gemma2Config(
-        vocab_size=bpe.get_vocab_size(), hidden_size=32, intermediate_size=64, num_hidden_layers=N_LAYERS,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2, initializer_range=0.5,
+        vocab_size=bpe.get_vocab_size(),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=N_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+        initializer_range=0.5,
     )
     torch.manual_seed(0)
     Gemma2ForCausalLM(config).save_pretrained(path)

@@ -9,8 +9,16 @@ import torch
 
 
 class SyntheticActivations:
-    def __init__(self, d_in: int = 24, n_features: int = 64, batch_size: int = 64, seed: int = 0,
-                 active: int = 4, offset: float = 3.0, scale: float = 7.0):
+    def __init__(
+        self,
+        d_in: int = 24,
+        n_features: int = 64,
+        batch_size: int = 64,
+        seed: int = 0,
+        active: int = 4,
+        offset: float = 3.0,
+        scale: float = 7.0,
+    ):
         g = torch.Generator().manual_seed(seed)
         self.d_in, self.batch_size, self.seed, self.active, self.scale = d_in, batch_size, seed, active, scale
         directions = torch.randn(n_features, d_in, generator=g)

@@ -85,8 +85,10 @@ def test_list_and_unknown_case(capsys):
 
 def test_the_registry_imports_no_case_family_and_refuses_unknown_modes():
     """The case families import bench.registry, never the other way (bench/catalog.py assembles them)."""
-    code = ("import sys, bench.registry; "
-            "assert not [m for m in sys.modules if m.startswith('bench.cases_')], sorted(sys.modules)")
+    code = (
+        "import sys, bench.registry; "
+        "assert not [m for m in sys.modules if m.startswith('bench.cases_')], sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
     assert {c.op for c in catalog.all_cases()} == set(OP_ORDER)
     case = catalog.all_cases()[0]

@@ -58,10 +58,20 @@ def test_predict_prints_the_tables_and_writes_json(tmp_path, capsys):
     out = tmp_path / "predict.json"
     assert main(["--predict", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "| fused encode | 65k | bf16 | 1,237 | 0.324 | 3,820 | 1.25 (compute) |" in text and "step speed-up, bf16 | 65k" in text
+    assert (
+        "| fused encode | 65k | bf16 | 1,237 | 0.324 | 3,820 | 1.25 (compute) |" in text
+        and "step speed-up, bf16 | 65k" in text
+    )
     doc = json.loads(out.read_text())
-    assert {r["kernel"] for r in doc} >= {"fused encode", "plain GEMM x @ W_enc", "gather-dot", "latent grads",
-                                          "threshold grad", "sparse step + LazyAdam", "dense reference step"}
+    assert {r["kernel"] for r in doc} >= {
+        "fused encode",
+        "plain GEMM x @ W_enc",
+        "gather-dot",
+        "latent grads",
+        "threshold grad",
+        "sparse step + LazyAdam",
+        "dense reference step",
+    }
 
 
 PTXAS_13 = """ptxas-blackwell info    : 0 bytes gmem
@@ -110,7 +120,9 @@ def test_i32_index_products_reaching_a_pointer_are_counted():
     """The encode's W_enc offset o_d * F (recorded TTIR, Triton 3.9): a 32-bit product, wrong once d_in x d_sae
     passes 2^31 (F = 2^20); in 64 bits, or propagated through an extension and a sum, it is (not) counted."""
     assert static.i32_offset_products(TTIR_W_OFFSETS) == 1
-    wide = TTIR_W_OFFSETS.replace("tensor<64x1xi32> loc(#loc127)\n    %b_w_96", "tensor<64x1xi64> loc(#loc127)\n    %b_w_96")
+    wide = TTIR_W_OFFSETS.replace(
+        "tensor<64x1xi32> loc(#loc127)\n    %b_w_96", "tensor<64x1xi64> loc(#loc127)\n    %b_w_96"
+    )
     assert static.i32_offset_products(wide) == 0
     summed = """
     %a = arith.muli %i, %j : tensor<64x1xi32>
@@ -177,15 +189,27 @@ def test_a_fused_encode_on_unrounded_operands_fails_its_check(fp16_encode, monke
 
 
 def _rec(case: str, tps: float | None, peak: float | None = None, status: str = "ok") -> dict:
-    return {"case": case, "status": status, "reason": "" if status == "ok" else "out of memory in the timing: x",
-            "tokens_per_s": tps, "peak_memory_bytes": peak, "timing": {"median_s": 4096 / tps} if tps else None}
+    return {
+        "case": case,
+        "status": status,
+        "reason": "" if status == "ok" else "out of memory in the timing: x",
+        "tokens_per_s": tps,
+        "peak_memory_bytes": peak,
+        "timing": {"median_s": 4096 / tps} if tps else None,
+    }
 
 
 def test_the_summary_states_each_target_from_the_same_run():
-    recs = [_rec("step/65k/triton-bf16", 4e5, 5e9), _rec("step/65k/reference-bf16", 1e5, 11e9),
-            _rec("encode/65k/triton-bf16", 6e6), _rec("encode/65k/gemm-bf16", 1e7),
-            _rec("step/262k/reference-bf16", 2e4, 45e9), _rec("step/1m/triton-bf16", 3e4, 61e9),
-            _rec("step/1m/reference-bf16", None, status="skipped"), _rec("decode/65k/triton", None, status="MISMATCH")]
+    recs = [
+        _rec("step/65k/triton-bf16", 4e5, 5e9),
+        _rec("step/65k/reference-bf16", 1e5, 11e9),
+        _rec("encode/65k/triton-bf16", 6e6),
+        _rec("encode/65k/gemm-bf16", 1e7),
+        _rec("step/262k/reference-bf16", 2e4, 45e9),
+        _rec("step/1m/triton-bf16", 3e4, 61e9),
+        _rec("step/1m/reference-bf16", None, status="skipped"),
+        _rec("decode/65k/triton", None, status="MISMATCH"),
+    ]
     got = {t.name: t for t in summary.targets(recs)}
     assert got["step speed-up at 65k"].value == pytest.approx(4.0) and got["step speed-up at 65k"].ok
     wide = got["step speed-up at 1m"]  # against 262k's reference, its time scaled by 4: 3e4 / (2e4 / 4) = 6

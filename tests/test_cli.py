@@ -35,7 +35,7 @@ def test_help_lists_sections_and_field_docs(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for section, cls in sections():
+    for section, _ in sections():
         assert f"\n{section}:" in text
     assert "--target-l0" in text and "Target mean L0" in text
     assert "--resume" in text
@@ -106,8 +106,10 @@ def test_a_required_field_is_a_required_flag(capsys):
 
 def test_harvest_imports_nothing_of_sae():
     """The layers are bench -> sae -> {harvest, kernels}: nothing in harvest, its old command included, imports sae."""
-    code = ("import sys, harvest, harvest.__main__, harvest.select; "
-            "assert not [m for m in sys.modules if m == 'sae' or m.startswith('sae.')], sorted(sys.modules)")
+    code = (
+        "import sys, harvest, harvest.__main__, harvest.select; "
+        "assert not [m for m in sys.modules if m == 'sae' or m.startswith('sae.')], sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
 
 

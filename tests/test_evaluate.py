@@ -7,8 +7,14 @@ from sae.evaluation.report import _overlap
 
 def info(dataset="icd10-cm", seed=0, epoch=0, index=300, fill=3, old=False):
     position = (
-        {"fill_start": {"epoch": epoch, "index": index}, "fill": fill, "pass": 0, "batch": 0} if old else
-        {"segment": fill, "cursor": {"group_start": {"epoch": epoch, "index": index}, "skip": 5}, "pass": 0, "batch": 0}
+        {"fill_start": {"epoch": epoch, "index": index}, "fill": fill, "pass": 0, "batch": 0}
+        if old
+        else {
+            "segment": fill,
+            "cursor": {"group_start": {"epoch": epoch, "index": index}, "skip": 5},
+            "pass": 0,
+            "batch": 0,
+        }
     )
     return {"config": {"data": {"dataset": dataset, "data_seed": seed}}, "data_position": position}
 

@@ -47,8 +47,9 @@ def test_importing_evaluation_loads_no_training_module():
         f"for m in {MODULES!r}: importlib.import_module(m)\n"
         "print(json.dumps([bare, sorted(m for m in sys.modules if m.startswith('sae.'))]))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=PACKAGE.parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=PACKAGE.parent.parent
+    )
     bare, loaded = json.loads(out.stdout.strip().splitlines()[-1])
     assert bare == []
     training = {m for m in loaded if not m.startswith("sae.evaluation")}

@@ -20,8 +20,9 @@ from tests.test_training import small_config
 @pytest.fixture
 def source_sae(tmp_path) -> dict[str, torch.Tensor]:
     """A trained SAE (raw-space weights) from a short run on other synthetic data."""
-    summary = Trainer(small_config(tmp_path / "source", steps=15), SyntheticActivations(seed=5, scale=30.0),
-                      progress=False).fit()
+    summary = Trainer(
+        small_config(tmp_path / "source", steps=15), SyntheticActivations(seed=5, scale=30.0), progress=False
+    ).fit()
     return load_file(str(summary.checkpoint / "sae_weights.safetensors"))
 
 
@@ -29,8 +30,13 @@ def gemma_scope_npz(weights: dict[str, torch.Tensor], path) -> str:
     # Gemma Scope's decoder rows are not unit norm: stretch them, and shrink the encoder to match.
     g = torch.Generator().manual_seed(0)
     n = torch.rand(weights["W_dec"].shape[0], generator=g) + 0.5
-    arrays = dict(weights, W_dec=weights["W_dec"] * n[:, None], W_enc=weights["W_enc"] / n,
-                  b_enc=weights["b_enc"] / n, threshold=weights["threshold"] / n)
+    arrays = dict(
+        weights,
+        W_dec=weights["W_dec"] * n[:, None],
+        W_enc=weights["W_enc"] / n,
+        b_enc=weights["b_enc"] / n,
+        threshold=weights["threshold"] / n,
+    )
     np.savez(path, **{k: v.numpy() for k, v in arrays.items()})
     return str(path)
 

@@ -15,11 +15,21 @@ from harvest.text import TokenRows, load_texts
 from tests.conftest import N_LAYERS
 
 
-def make(tiny_model, text_file, layer=2, batch_size=16, exclude_special_tokens=True, max_examples=12, layers=None,
-         norm_outlier_factor=None, **buffer):
+def make(
+    tiny_model,
+    text_file,
+    layer=2,
+    batch_size=16,
+    exclude_special_tokens=True,
+    max_examples=12,
+    layers=None,
+    norm_outlier_factor=None,
+    **buffer,
+):
     buffer_cfg = BufferConfig(**{"buffer_tokens": 64, "forward_batch_rows": 4, "passes": 1, **buffer})
-    data_cfg = DataConfig(dataset=text_file, context_size=16, max_examples=max_examples,
-                          exclude_special_tokens=exclude_special_tokens)
+    data_cfg = DataConfig(
+        dataset=text_file, context_size=16, max_examples=max_examples, exclude_special_tokens=exclude_special_tokens
+    )
     model_cfg = ModelConfig(model=tiny_model, layer=layer, norm_outlier_factor=norm_outlier_factor)
     return Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=batch_size, layers=layers, progress=False)
 
@@ -64,7 +74,7 @@ def test_truncated_forward_matches_full_forward(tiny_model, text_file, layer):
         h.model(input_ids=ids, attention_mask=mask)  # the whole CausalLM, LM head included
     handle.remove()
     full = captured[0][0] if isinstance(captured[0], tuple) else captured[0]
-    later = [h.model.lm_head, h.model.model.norm, *h.model.model.layers[layer + 1:]]
+    later = [h.model.lm_head, h.model.model.norm, *h.model.model.layers[layer + 1 :]]
     ran = []
     handles = [module.register_forward_hook(lambda m, a, out: ran.append(m)) for module in later]
     truncated = layer_activations(h.model, layer, ids, mask)
@@ -106,10 +116,18 @@ def test_batches_are_shuffled_activations_of_the_text(tiny_model, text_file):
 
 def reference_stream(h, n_tokens, layers=(2,)):
     """The first n_tokens harvested activations in document order, [n, L, D], from the same forward groups."""
-    rows = TokenRows(load_texts(h.data_cfg), h.tokenizer, h.data_cfg.context_size, h.data_cfg.data_seed,
-                     h.data_cfg.max_examples)
-    reader = GroupReader(h.model, h.tokenizer, rows, list(layers), h.buffer_cfg.forward_batch_rows,
-                         h.data_cfg.exclude_special_tokens, h.model_cfg.norm_outlier_factor)
+    rows = TokenRows(
+        load_texts(h.data_cfg), h.tokenizer, h.data_cfg.context_size, h.data_cfg.data_seed, h.data_cfg.max_examples
+    )
+    reader = GroupReader(
+        h.model,
+        h.tokenizer,
+        rows,
+        list(layers),
+        h.buffer_cfg.forward_batch_rows,
+        h.data_cfg.exclude_special_tokens,
+        h.model_cfg.norm_outlier_factor,
+    )
     groups, n = [], 0
     while n < n_tokens:
         groups.append(reader.next_group().acts)
@@ -130,8 +148,8 @@ def test_every_token_delivered_exactly_once_per_pass(tiny_model, text_file, over
     batches = take(iter(h), 5 * 3)  # five segments, crossing forward groups and epochs (12 examples, ~100 tokens)
     reference = reference_stream(h, 5 * 48)[:, 0]
     for k in range(5):
-        delivered = torch.cat(batches[3 * k:3 * k + 3])
-        assert torch.equal(sorted_rows(delivered), sorted_rows(reference[48 * k:48 * (k + 1)]))
+        delivered = torch.cat(batches[3 * k : 3 * k + 3])
+        assert torch.equal(sorted_rows(delivered), sorted_rows(reference[48 * k : 48 * (k + 1)]))
     h.close()
 
 
@@ -260,8 +278,13 @@ def test_metadata(tiny_model, text_file):
     h = make(tiny_model, text_file, layer=3)
     assert h.d_in == 32
     assert h.metadata() == {
-        "model_name": tiny_model, "hook_name": "blocks.3.hook_resid_post", "hook_layer": 3, "context_size": 16,
-        "prepend_bos": True, "dataset_path": text_file, "exclude_special_tokens": True,
+        "model_name": tiny_model,
+        "hook_name": "blocks.3.hook_resid_post",
+        "hook_layer": 3,
+        "context_size": 16,
+        "prepend_bos": True,
+        "dataset_path": text_file,
+        "exclude_special_tokens": True,
     }
 
 
@@ -328,17 +351,21 @@ def test_random_rows_feed_the_harvester(tiny_model, text_file):
     from harvest.random_rows import RandomTokenRows
 
     _, tokenizer = load_lm(ModelConfig(model=tiny_model, layer=2))
+
     def rows():
-        return RandomTokenRows(len(tokenizer), 16, tokenizer.bos_token_id, seed=3,
-                               special_ids=tuple(tokenizer.all_special_ids))
+        return RandomTokenRows(
+            len(tokenizer), 16, tokenizer.bos_token_id, seed=3, special_ids=tuple(tokenizer.all_special_ids)
+        )
+
     first = rows().take(5)
     assert all(len(r) == 16 and r[0] == 2 and not set(r[1:]) & set(tokenizer.all_special_ids) for r, _ in first)
     again = rows()
     again.seek(first[1][1])
     assert again.take(3) == first[2:]
     h = make(tiny_model, text_file)
-    h = Harvester(h.model_cfg, h.data_cfg, h.buffer_cfg, batch_size=16, lm=(h.model, h.tokenizer), rows=rows(),
-                  progress=False)
+    h = Harvester(
+        h.model_cfg, h.data_cfg, h.buffer_cfg, batch_size=16, lm=(h.model, h.tokenizer), rows=rows(), progress=False
+    )
     batches = take(iter(h), 4)
     assert batches[0].shape == (16, 32) and h.state_dict()["segment"] == 2
     h.close()

@@ -41,8 +41,15 @@ U32 = 2.0**-24  # fp32 unit roundoff
 
 
 def make_case(
-    B: int, D: int, F: int, seed: int, eps: float = 0.25, margin: float = 1e-4, crowd: bool = True,
-    operands: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None,
+    B: int,
+    D: int,
+    F: int,
+    seed: int,
+    eps: float = 0.25,
+    margin: float = 1e-4,
+    crowd: bool = True,
+    operands: torch.dtype = torch.float32,
+    compute_dtype: torch.dtype | None = None,
 ) -> dict[str, Tensor]:
     """fp32 inputs (CPU) where no pre-activation lies within `margin` of a decision boundary (z = theta,
     z = theta +- eps/2), so the kernels' and the references' masks agree despite rounding.
@@ -112,8 +119,14 @@ def run(forward, case: dict[str, Tensor], eps: float, kind: str, dtype=torch.flo
     return out, {k: torch.zeros_like(t[k]) if t[k].grad is None else t[k].grad for k in names}
 
 
-def magnitudes(case: dict[str, Tensor], eps: float, kind: str, lam: float = 0.3, target: float = 5.0,
-               row_weights: Tensor | None = None) -> dict:
+def magnitudes(
+    case: dict[str, Tensor],
+    eps: float,
+    kind: str,
+    lam: float = 0.3,
+    target: float = 5.0,
+    row_weights: Tensor | None = None,
+) -> dict:
     """fp64 magnitude M (sum of |terms|) of every output and gradient of `run(..., kind)` on `case`, for
     `assert_matches`: the same computation with every input and intermediate replaced by its absolute value and
     every subtraction by an addition (the active set and the window taken from the exact pre-activations).
@@ -184,7 +197,8 @@ def assert_matches(name: str, got: Tensor, ref32: Tensor, ref64: Tensor, magnitu
     the blocked sums of torch and the kernels: at most ~10 u M (N = 288) and ~18 u M (N = 926), which
     FLOOR = 64 u M covers. Where the sum cancels (M >> |y|), torch's error on one element is one draw from that
     distribution and may be arbitrarily small by luck, so "twice torch's error" alone fails the kernel for an
-    equally good order: the counterexample that prompted this (tests/test_kernels_properties.py) is d b_dec = sum_b dL/dx_hat[b] - W_enc @ d b_enc at d_in = 1, F = 38,
+    equally good order: the counterexample that prompted this (tests/test_kernels_properties.py) is
+    d b_dec = sum_b dL/dx_hat[b] - W_enc @ d b_enc at d_in = 1, F = 38,
     value 0.058 with M = 380 (cancellation 6600x); torch's error was 0.006 u M, the kernel's 0.048 u M: both far
     inside gamma_N M, the kernel's 8x torch's. Without cancellation M_e <= S and the rule is the old one.
 

@@ -140,7 +140,9 @@ def test_operand_cache_follows_every_write_to_the_masters():
 
     def consistent():
         W_enc, W_dec = cache.get(model)
-        return torch.equal(W_enc, model.W_enc.detach().bfloat16()) and torch.equal(W_dec, model.W_dec.detach().bfloat16())
+        return torch.equal(W_enc, model.W_enc.detach().bfloat16()) and torch.equal(
+            W_dec, model.W_dec.detach().bfloat16()
+        )
 
     assert consistent() and cache.full_casts == 2
     touched = torch.tensor([1, 7])
@@ -184,8 +186,9 @@ def test_one_sparse_step_compact_grads_match_autograd_at_compute_dtype(compute_d
     t = outs[0].touched.cpu()
     for name in PARAMS:
         dim = LATENT_DIMS[name]
-        r32, r64, m = (g.cpu() if dim is None else g.cpu().index_select(dim, t) for g in (g32[name], g64[name],
-                                                                                          mags[name]))
+        r32, r64, m = (
+            g.cpu() if dim is None else g.cpu().index_select(dim, t) for g in (g32[name], g64[name], mags[name])
+        )
         for out in outs:
             assert_matches(f"d {name}", out.grads._asdict()[name], r32, r64, m)
     assert torch.equal(outs[0].grads.W_enc, outs[1].grads.W_enc)

@@ -138,4 +138,3 @@ def test_overflowing_the_capacity_gives_the_same_result(poisoned, arg, data):
         assert torch.equal(a, b)  # bit for bit: everything after the encode is deterministic
     for name in PARAMS:
         assert torch.equal(grads[name], sgrads[name]), name
-

@@ -158,7 +158,7 @@ def test_firing_of_a_real_sae_forward_counts_every_active_pair():
     out = R.sae_forward(x, w_enc, torch.zeros(f), w_enc.T.contiguous(), torch.zeros(d), torch.full((f,), 1.0), 0.01)
     acc = FiringAccumulator(f)
     acc.update(out.indices, out.values)
-    dense_fired = ((x @ w_enc) > 1.0)
+    dense_fired = (x @ w_enc) > 1.0
     assert torch.equal(acc.fire_counts, dense_fired.sum(0))
     assert acc.result().mean_l0 == pytest.approx(float(out.l0.mean()))
 

@@ -16,10 +16,10 @@ from harvest.text import TokenRows, load_texts
 from kernels import reference
 from sae.__main__ import main
 from sae.evaluation.browser import (
-    quantile_samples,
     Context,
     LatentPage,
     latent_pages,
+    quantile_samples,
     render_html,
     select_latents,
     top_activations,
@@ -45,8 +45,10 @@ def _sae_result(l0: float, ev: float, dead: int, delta_ce: float | None = None) 
 
 
 def test_write_plots_writes_valid_pngs(tmp_path):
-    report = {"heldout": {"tokens": 1000},
-              "saes": {"runs/a": _sae_result(12.0, 0.81, 3, 0.12), "runs/b/params.npz": _sae_result(40.0, 0.9, 0, 0.05)}}
+    report = {
+        "heldout": {"tokens": 1000},
+        "saes": {"runs/a": _sae_result(12.0, 0.81, 3, 0.12), "runs/b/params.npz": _sae_result(40.0, 0.9, 0, 0.05)},
+    }
     written = write_plots(report, tmp_path / "figs")
     assert [p.name for p in written] == list(FIGURES)
     for path in written:
@@ -86,9 +88,13 @@ def weights():
     d, f = 32, 24
     threshold = torch.full((f,), 0.5)
     threshold[0] = 1e9
-    return {"W_enc": torch.randn(d, f, generator=g) / d**0.5, "b_enc": torch.zeros(f),
-            "W_dec": torch.randn(f, d, generator=g), "b_dec": torch.randn(d, generator=g) * 0.1,
-            "threshold": threshold}
+    return {
+        "W_enc": torch.randn(d, f, generator=g) / d**0.5,
+        "b_enc": torch.zeros(f),
+        "W_dec": torch.randn(f, d, generator=g),
+        "b_dec": torch.randn(d, generator=g) * 0.1,
+        "threshold": threshold,
+    }
 
 
 def _dense(lm, rows, weights):
@@ -156,8 +162,9 @@ class _Collect(HTMLParser):
 
 def test_browser_html_is_self_contained_with_one_section_per_latent(lm, rows, weights, tmp_path):
     model, tokenizer = lm
-    path = write_browser(tmp_path / "browser.html", model, tokenizer, LAYER, weights, rows, latents=4, k=3,
-                         order="index")
+    path = write_browser(
+        tmp_path / "browser.html", model, tokenizer, LAYER, weights, rows, latents=4, k=3, order="index"
+    )
     text = path.read_text(encoding="utf-8")
     parser = _Collect()
     parser.feed(text)
@@ -184,9 +191,31 @@ def test_eval_writes_figures_and_browser(lm, tiny_model, text_file, weights, tmp
     npz = tmp_path / "params.npz"
     np.savez(npz, **{name: t.numpy() for name, t in weights.items()})
     out = tmp_path / "eval"
-    args = ["eval", str(npz), "--model", tiny_model, "--layer", str(LAYER), "--dataset", text_file,
-            "--context-size", "16", "--heldout-examples", "12", "--eval-tokens", "60", "--splice-rows", "0",
-            "--eval-device", "cpu", "--out", str(out), "--browser-latents", "3", "--no-progress"]
+    args = [
+        "eval",
+        str(npz),
+        "--model",
+        tiny_model,
+        "--layer",
+        str(LAYER),
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--heldout-examples",
+        "12",
+        "--eval-tokens",
+        "60",
+        "--splice-rows",
+        "0",
+        "--eval-device",
+        "cpu",
+        "--out",
+        str(out),
+        "--browser-latents",
+        "3",
+        "--no-progress",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["saes"][str(npz)]["browser"] == "browser-0.html"
@@ -206,8 +235,9 @@ def test_quantile_samples_are_real_firings_spread_over_the_distribution(lm, rows
     latents = [int(fires.argmax()), int((fires > 0).nonzero()[-1]), 0]  # busiest, another firing, never fires
     scale = float(acts.abs().max())
     for pool in (4, 10_000):  # a small pool forces the streaming bottom-k merge to drop candidates
-        samples = quantile_samples(model, tokenizer, LAYER, weights, rows, latents, per_latent=5, pool=pool,
-                                   batch_rows=3)
+        samples = quantile_samples(
+            model, tokenizer, LAYER, weights, rows, latents, per_latent=5, pool=pool, batch_rows=3
+        )
         for j, chosen in zip(latents, samples):
             assert len(chosen) == min(5, int(fires[j]), pool)
             values = [v for v, _, _ in chosen]

@@ -153,8 +153,10 @@ def test_objective_threshold_gradients_match_the_chain_rule(kind):
         (lambda p, x: x[:, :-1], "x has shape"),
         (lambda p, x: x[None], "x must be"),
         (lambda p, x: (p.update(b_enc=p["b_enc"].long()), x)[1], "floating-point"),
-        (lambda p, x: (p.update(threshold=p["threshold"].index_fill(0, torch.tensor([3]), 0.0)), x)[1],
-         r"threshold must be > 0 \(JumpReLU needs theta > 0\): 1 of 6 entries are <= 0 or NaN, e.g. latent 3"),
+        (
+            lambda p, x: (p.update(threshold=p["threshold"].index_fill(0, torch.tensor([3]), 0.0)), x)[1],
+            r"threshold must be > 0 \(JumpReLU needs theta > 0\): 1 of 6 entries are <= 0 or NaN, e.g. latent 3",
+        ),
     ],
 )
 def test_bad_inputs_name_the_problem(change, message):

@@ -83,20 +83,24 @@ class Trace:
     def violations(self) -> list[str]:
         """Conflicting accesses no wait orders, and accesses a free of the ring on the consumer's stream (the one
         that allocated it) would not wait for, as the caching allocator frees: after the protected streams."""
+
         def before(a, b) -> bool:
             return b[4].get(a[2], 0) >= a[3]
 
         found = []
         for i, a in enumerate(self.accesses):
-            for b in self.accesses[i + 1:]:
+            for b in self.accesses[i + 1 :]:
                 if a[1] == b[1] and a[2] != b[2] and "write" in (a[0], b[0]) and not (before(a, b) or before(b, a)):
                     found.append(f"{a[0]} of half {a[1]} on {a[2]} #{a[3]} and {b[0]} on {b[2]} #{b[3]} are unordered")
         free = dict(self.clock[CONSUMER])
         for stream in self.protected:
             for s, n in self.clock[stream].items():
                 free[s] = max(free.get(s, 0), n)
-        found += [f"the ring's free does not wait for the {a[0]} of half {a[1]} on {a[2]} #{a[3]}"
-                  for a in self.accesses if free.get(a[2], 0) < a[3]]
+        found += [
+            f"the ring's free does not wait for the {a[0]} of half {a[1]} on {a[2]} #{a[3]}"
+            for a in self.accesses
+            if free.get(a[2], 0) < a[3]
+        ]
         return found
 
 
@@ -179,6 +183,7 @@ def recorded(monkeypatch):
 
     def knock_out(edge: str) -> None:
         if edge == "one stream":
+
             def producer_with_its_own_stream(ring, sync, *args, **kwargs):
                 return RingProducer(ring, FakeStreams(trace, frozenset(drop)), *args, **kwargs)
 
@@ -216,13 +221,25 @@ def test_the_protocol_orders_every_conflicting_access(tiny_model, text_file, rec
     assert all(torch.equal(a, b) for a, b in zip(batches, inline))
 
 
-@pytest.mark.parametrize("edge,symptom", [
-    ("ready", r"write of half 0 on producer0 #1 and read on consumer #1 "),  # a fill's writes vs its segment's reads
-    ("freed", r"read of half 0 on consumer #2 and write on producer0 #"),  # segment 0's last read vs segment 2's fill
-    ("start", r"read of half 0 on consumer #5 and write on producer0 #"),  # the first iterator's last read vs refill
-    ("one stream", r"write of half 1 on producer1 #\d+ and write on producer2 #"),  # segment 3, harvested twice
-    ("teardown", r"the ring's free does not wait for the write of half 1 on producer0"),  # segment 5, never read
-])
+@pytest.mark.parametrize(
+    "edge,symptom",
+    [
+        (
+            "ready",
+            r"write of half 0 on producer0 #1 and read on consumer #1 ",
+        ),  # a fill's writes vs its segment's reads
+        (
+            "freed",
+            r"read of half 0 on consumer #2 and write on producer0 #",
+        ),  # segment 0's last read vs segment 2's fill
+        (
+            "start",
+            r"read of half 0 on consumer #5 and write on producer0 #",
+        ),  # the first iterator's last read vs refill
+        ("one stream", r"write of half 1 on producer1 #\d+ and write on producer2 #"),  # segment 3, harvested twice
+        ("teardown", r"the ring's free does not wait for the write of half 1 on producer0"),  # segment 5, never read
+    ],
+)
 def test_each_edge_is_needed(tiny_model, text_file, recorded, edge, symptom):
     trace, knock_out = recorded
     knock_out(edge)
@@ -250,7 +267,7 @@ class FakeReader:
         self.sizes, self.log, self.index, self.token = sizes, log, 0, 0
 
     def seek(self, position: dict) -> None:
-        self.index, self.token = position["index"], sum(self.sizes[:position["index"]])
+        self.index, self.token = position["index"], sum(self.sizes[: position["index"]])
 
     def position(self) -> dict:
         return {"index": self.index}
@@ -276,7 +293,12 @@ def test_the_next_forward_runs_before_the_wait_for_the_half():
         assert out[:, 0].tolist() == list(range(8 * k, 8 * k + 8))
     # Each fill whose first group's tokens left (0, 4, 5, 17, 9) do not fill it reads its next group before the
     # claim; later groups of the same fill are read after it.
-    assert "".join(log).split("|")[1:] == ["forwardclaimforward", "forwardclaimforward", "forwardclaim", "claim",
-                                           "claim"]
+    assert "".join(log).split("|")[1:] == [
+        "forwardclaimforward",
+        "forwardclaimforward",
+        "forwardclaim",
+        "claim",
+        "claim",
+    ]
     assert not filler.fill(out, should_stop=lambda: True)  # 1 token left: the next forward is not started
     assert log[-1] == "claim"

@@ -74,8 +74,15 @@ def corpus(tmp_path_factory) -> tuple[str, str, list[str]]:
 
 def config(corpus, out, **overrides) -> SelectConfig:
     seeds, pool, _ = corpus
-    settings = {"seeds": seeds, "pool": pool, "out": str(out), "token_budget": BUDGET, "chunk_size": CHUNK,
-                "device": "cpu", "tokenizer_model": encoder_path("offline-default")}
+    settings = {
+        "seeds": seeds,
+        "pool": pool,
+        "out": str(out),
+        "token_budget": BUDGET,
+        "chunk_size": CHUNK,
+        "device": "cpu",
+        "tokenizer_model": encoder_path("offline-default"),
+    }
     return SelectConfig(**{**settings, **overrides})
 
 
@@ -97,7 +104,8 @@ def test_embeddings_match_sentence_transformers(minilm):
     texts = SEEDS + ["x", "Acute pericarditis", "word " * 300]  # the last is truncated at 256 word pieces
     ours = minilm.embed(texts, batch_size=3)
     theirs = st.SentenceTransformer(encoder_path("offline-default"), device="cpu").encode(
-        texts, batch_size=1, convert_to_tensor=True, normalize_embeddings=True)
+        texts, batch_size=1, convert_to_tensor=True, normalize_embeddings=True
+    )
     assert minilm.pooling == "mean" and minilm.max_length == 256
     assert torch.allclose(ours.norm(dim=1), torch.ones(len(texts)), atol=1e-5)
     assert (ours - theirs.cpu()).abs().max().item() < 1e-5
@@ -110,10 +118,12 @@ def test_selection_is_rich_in_the_seed_topic(corpus, reference):
     chosen = [labels[r["source_index"]] for r in rows]
     fraction = chosen.count(TOPIC) / len(chosen)
     by_label = {label: chosen.count(label) for label in sorted(set(labels))}
-    print(f"\nselected {len(rows)} of {len(labels)} texts ({summary.tokens} of {BUDGET} tokens): circulatory "
-          f"{fraction:.2f} vs {pool_fraction:.2f} in the pool ({fraction / pool_fraction:.1f}x); {by_label}; "
-          f"score {summary.score_min:.3f}..{summary.score_max:.3f}, pool mean {summary.pool_score_mean:.3f}; "
-          f"{summary.scanned / summary.seconds:.0f} texts/s")
+    print(
+        f"\nselected {len(rows)} of {len(labels)} texts ({summary.tokens} of {BUDGET} tokens): circulatory "
+        f"{fraction:.2f} vs {pool_fraction:.2f} in the pool ({fraction / pool_fraction:.1f}x); {by_label}; "
+        f"score {summary.score_min:.3f}..{summary.score_max:.3f}, pool mean {summary.pool_score_mean:.3f}; "
+        f"{summary.scanned / summary.seconds:.0f} texts/s"
+    )
     assert len(rows) >= 25
     assert fraction >= 0.6 and fraction >= 3 * pool_fraction
     assert summary.score_min > summary.pool_score_mean
@@ -198,27 +208,37 @@ def test_chunked_merge_equals_sorting_the_whole_pool():
 def test_score_rules():
     seeds = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]), dim=1)
     x = torch.nn.functional.normalize(torch.tensor([[1.0, 0, 0], [1.0, 1.0, 0], [0, 0, 1.0]]), dim=1)
-    assert np.allclose(score_against(x, seeds, "max"), [1.0, 0.5 ** 0.5, 0.0])
-    assert np.allclose(score_against(x, seeds, "centroid"), [0.5 ** 0.5, 1.0, 0.0])
+    assert np.allclose(score_against(x, seeds, "max"), [1.0, 0.5**0.5, 0.0])
+    assert np.allclose(score_against(x, seeds, "centroid"), [0.5**0.5, 1.0, 0.0])
 
 
-@pytest.mark.parametrize("case, message", [
-    ("missing-seeds", "seeds: dataset .*missing.txt.* matches no file"),
-    ("blank-seeds", "holds no non-blank text"),
-    ("unknown-encoder", "cannot load encoder .*no-such-encoder"),
-    ("zero-budget", "token_budget=0"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("missing-seeds", "seeds: dataset .*missing.txt.* matches no file"),
+        ("blank-seeds", "holds no non-blank text"),
+        ("unknown-encoder", "cannot load encoder .*no-such-encoder"),
+        ("zero-budget", "token_budget=0"),
+    ],
+)
 def test_bad_input_is_a_clear_error_with_exit_code_2(case, message, corpus, tmp_path, capsys):
     seeds, pool, _ = corpus
     (tmp_path / "blank.txt").write_text("\n  \n")
-    args = {"--seeds": seeds, "--pool": pool, "--out": str(tmp_path / "out"), "--token-budget": "100",
-            "--tokenizer-model": encoder_path("offline-default")}
-    args.update({
-        "missing-seeds": {"--seeds": str(tmp_path / "missing.txt")},
-        "blank-seeds": {"--seeds": str(tmp_path / "blank.txt")},
-        "unknown-encoder": {"--encoder": str(tmp_path / "no-such-encoder")},
-        "zero-budget": {"--token-budget": "0"},
-    }[case])
+    args = {
+        "--seeds": seeds,
+        "--pool": pool,
+        "--out": str(tmp_path / "out"),
+        "--token-budget": "100",
+        "--tokenizer-model": encoder_path("offline-default"),
+    }
+    args.update(
+        {
+            "missing-seeds": {"--seeds": str(tmp_path / "missing.txt")},
+            "blank-seeds": {"--seeds": str(tmp_path / "blank.txt")},
+            "unknown-encoder": {"--encoder": str(tmp_path / "no-such-encoder")},
+            "zero-budget": {"--token-budget": "0"},
+        }[case]
+    )
     assert main(["select", "--no-progress", *[x for kv in args.items() for x in kv]]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") or "\nerror: " in err
@@ -233,7 +253,9 @@ def test_an_unknown_score_rule_is_refused_naming_the_valid_ones(corpus, tmp_path
     with pytest.raises(SystemExit) as exit_info:
         main(["select", "--seeds", seeds, "--pool", pool, "--out", out, "--token-budget", "100", "--score", "median"])
     assert exit_info.value.code == 2
-    assert re.search(r"argument --score: invalid choice: 'median' \(choose from .*max.*centroid", capsys.readouterr().err)
+    assert re.search(
+        r"argument --score: invalid choice: 'median' \(choose from .*max.*centroid", capsys.readouterr().err
+    )
     with pytest.raises(HarvestError, match="score='median' is not a scoring rule"):
         SelectConfig(seeds, pool, out, 100, score="median")
     assert not (tmp_path / "out").exists()
@@ -251,6 +273,19 @@ def test_help_explains_every_flag(capsys):
         main(["select", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in ("--seeds", "--pool", "--out", "--token-budget", "--text-field", "--pool-text-field", "--encoder",
-                 "--tokenizer-model", "--score", "--context-size", "--batch-size", "--device", "python -m sae train"):
+    for name in (
+        "--seeds",
+        "--pool",
+        "--out",
+        "--token-budget",
+        "--text-field",
+        "--pool-text-field",
+        "--encoder",
+        "--tokenizer-model",
+        "--score",
+        "--context-size",
+        "--batch-size",
+        "--device",
+        "python -m sae train",
+    ):
         assert name in text

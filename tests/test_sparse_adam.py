@@ -208,8 +208,10 @@ def test_untouched_latents_are_neither_read_nor_written():
         assert poisoned_p[name].index_select(dim, never).isnan().all()
         assert poisoned_state[f"{name}.exp_avg_sq"].index_select(dim, never).isnan().all()
         assert torch.equal(poisoned_p[name].index_select(dim, rest), clean_p[name].index_select(dim, rest))
-        assert torch.equal(poisoned_state[f"{name}.exp_avg_sq"].index_select(dim, rest),
-                           clean_state[f"{name}.exp_avg_sq"].index_select(dim, rest))
+        assert torch.equal(
+            poisoned_state[f"{name}.exp_avg_sq"].index_select(dim, rest),
+            clean_state[f"{name}.exp_avg_sq"].index_select(dim, rest),
+        )
 
 
 def test_state_dict_round_trip_mid_run_continues_identically():
@@ -306,8 +308,17 @@ def small():
         (lambda g, t: (g, torch.tensor([3, 0, 3])), "distinct"),
         (lambda g, t: (g, t.to(torch.int32)), "1-D int64"),
     ],
-    ids=["W_enc-dense", "W_dec-transposed", "b_dec-compact", "dtype", "missing", "id-too-large", "id-negative",
-         "duplicate", "int32-ids"],
+    ids=[
+        "W_enc-dense",
+        "W_dec-transposed",
+        "b_dec-compact",
+        "dtype",
+        "missing",
+        "id-too-large",
+        "id-negative",
+        "duplicate",
+        "int32-ids",
+    ],
 )
 def test_clear_errors_leave_state_unchanged(small, edit, message):
     opt, params, grads, touched = small

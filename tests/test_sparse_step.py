@@ -97,8 +97,9 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as guard:
         # run()'s loss has lambda 0.3, target 5. Capacities below F: the default min(F, 128) would make the
         # encode's slot buffers [B, F]-shaped at these small F.
-        out = sparse_loss_and_grads(*args, eps, Objective(kind, 0.3, 5.0), capacity=16, window_capacity=16,
-                                    blocks=BLOCKS)
+        out = sparse_loss_and_grads(
+            *args, eps, Objective(kind, 0.3, 5.0), capacity=16, window_capacity=16, blocks=BLOCKS
+        )
     assert not guard.hits, guard.hits
     with NoNewTensorOfShape([(F, D), (D, F), (B, F)]) as dense_guard:
         ref32, g32 = run(R.sae_forward, case, eps, kind)
@@ -122,11 +123,16 @@ def test_one_step_compact_grads_match_autograd(B, D, F, kind, eps, poisoned):  #
 
     x32, x64 = case["x"], case["x"].double()
     assert_matches("x_hat", out.x_hat, ref32.x_hat, ref64.x_hat, mags["x_hat"])
-    for what, got, mode in (("reconstruction", out.terms.reconstruction, "mse"), ("loss", out.terms.total, kind),
-                            ("sparsity", out.terms.sparsity, "l0_only" if kind == "l0" else None)):
+    for what, got, mode in (
+        ("reconstruction", out.terms.reconstruction, "mse"),
+        ("loss", out.terms.total, kind),
+        ("sparsity", out.terms.sparsity, "l0_only" if kind == "l0" else None),
+    ):
         if mode is None:  # target_l0's term alone: the loss minus the reconstruction
-            r32, r64 = ((loss_of(kind, x, r.x_hat, r.l0) - loss_of("mse", x, r.x_hat, r.l0)).detach()
-                        for x, r in ((x32, ref32), (x64, ref64)))
+            r32, r64 = (
+                (loss_of(kind, x, r.x_hat, r.l0) - loss_of("mse", x, r.x_hat, r.l0)).detach()
+                for x, r in ((x32, ref32), (x64, ref64))
+            )
         else:
             r32, r64 = (loss_of(mode, x, r.x_hat, r.l0).detach() for x, r in ((x32, ref32), (x64, ref64)))
         assert_matches(what, got, r32, r64)
@@ -214,8 +220,14 @@ def initial_sae(seed: int) -> tuple[JumpReLUSAE, SyntheticActivations, float]:
 def dense_step(model, optimizer, x, lr, kind, coefficient, max_norm) -> list[float]:
     """The trainer's dense step (`sae.dense_step.dense_update`, reference backend)."""
     u = dense_update(model, optimizer, x, lr, Objective(kind, coefficient, TARGET), max_norm)
-    return [u.loss.total.item(), u.loss.reconstruction.item(), u.loss.sparsity.item(), u.forward.l0.mean().item(),
-            u.explained_variance.item(), u.grad_norm.item()]
+    return [
+        u.loss.total.item(),
+        u.loss.reconstruction.item(),
+        u.loss.sparsity.item(),
+        u.forward.l0.mean().item(),
+        u.explained_variance.item(),
+        u.grad_norm.item(),
+    ]
 
 
 def preactivations(model: JumpReLUSAE, x: torch.Tensor) -> torch.Tensor:
@@ -255,8 +267,13 @@ def check_against_dense(result, sparse, fp32, fp64, report) -> None:
     for name, a, b, c in zip(result.stats._fields, result.stats, s32, s64):
         check_rule(name, a, b, c, report)
     for name in PARAMS:
-        check_rule(name, getattr(sparse, name).detach().cpu(), getattr(dense32, name).detach(),
-                   getattr(dense64, name).detach(), report)
+        check_rule(
+            name,
+            getattr(sparse, name).detach().cpu(),
+            getattr(dense32, name).detach(),
+            getattr(dense64, name).detach(),
+            report,
+        )
 
 
 @pytest.mark.parametrize("kind", ["l0", "target_l0"])
@@ -265,8 +282,10 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
     model0, data, scale = initial_sae(seed=3)
     dense32, sparse = copy.deepcopy(model0), copy.deepcopy(model0).to(DEVICE)
     dense64 = copy.deepcopy(model0).double()
-    adam32, adam64 = (torch.optim.Adam(m.parameters(), lr=1.0, betas=(0.0, BETA2), eps=ADAM_EPS, foreach=False)
-                      for m in (dense32, dense64))
+    adam32, adam64 = (
+        torch.optim.Adam(m.parameters(), lr=1.0, betas=(0.0, BETA2), eps=ADAM_EPS, foreach=False)
+        for m in (dense32, dense64)
+    )
     lazy = build_lazy_adam(sparse, BETA2, ADAM_EPS, validate=True)
     report: dict[str, float] = {}
     touched_steps = torch.zeros(F, dtype=torch.int64)
@@ -286,8 +305,17 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
         # The allocation guard doubles a step's time in the interpreter: on the last step only.
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step == STEPS - 1 else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), max_norm,
-                                       capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
+            result = sparse_train_step(
+                sparse,
+                lazy,
+                x.to(DEVICE),
+                lr,
+                Objective(kind, coefficient, TARGET),
+                max_norm,
+                capacity=32,
+                window_capacity=32,
+                blocks=STEP_BLOCKS,
+            )
         assert guard is None or not guard.hits, guard.hits
         assert all(p.grad is None for p in sparse.parameters())
         assert result.stats.grad_norm > MAX_NORM  # so the clipped steps clip
@@ -313,8 +341,10 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
             assert torch.equal(getattr(sparse, name).detach().cpu().index_select(dim, never), start), name
             drift = (getattr(dense32, name).detach().index_select(dim, never) - start).abs().max().item()
             assert drift <= (STEPS * 2.0**-24 if name == "W_dec" else 0.0), (name, drift)  # |W_dec| <= 1
-    print(f"\n{kind}: max error vs fp64 over {STEPS} steps ({dropped} tokens dropped near boundaries)",
-          {k: f"{v:.1e}" for k, v in report.items()})
+    print(
+        f"\n{kind}: max error vs fp64 over {STEPS} steps ({dropped} tokens dropped near boundaries)",
+        {k: f"{v:.1e}" for k, v in report.items()},
+    )
 
 
 # -- mixed precision: kept 16-bit operand copies, fp32 masters ---------------------------------------------------
@@ -365,8 +395,17 @@ def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step
             s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, MAX_NORM)
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step else None
         with guard or contextlib.nullcontext():
-            result = sparse_train_step(sparse, lazy, x.to(DEVICE), lr, Objective(kind, coefficient, TARGET), MAX_NORM,
-                                       capacity=32, window_capacity=32, blocks=STEP_BLOCKS)
+            result = sparse_train_step(
+                sparse,
+                lazy,
+                x.to(DEVICE),
+                lr,
+                Objective(kind, coefficient, TARGET),
+                MAX_NORM,
+                capacity=32,
+                window_capacity=32,
+                blocks=STEP_BLOCKS,
+            )
         assert guard is None or not guard.hits, guard.hits
         assert all(getattr(sparse, name).dtype == torch.float32 for name in PARAMS)
         W_enc, W_dec = cache.get(sparse)
@@ -398,8 +437,9 @@ def test_optimizer_state_converts_between_adam_and_lazy_adam():
         grads = {}
         for name, p in model0.named_parameters():
             dim = LATENT_DIMS[name]
-            grads[name] = torch.randn(p.shape, generator=g) * (1.0 if dim is None else mask.view(
-                [-1 if d == dim else 1 for d in range(p.dim())]))
+            grads[name] = torch.randn(p.shape, generator=g) * (
+                1.0 if dim is None else mask.view([-1 if d == dim else 1 for d in range(p.dim())])
+            )
         schedule.append((grads, touched, 1e-2 * (step + 1) / steps))
 
     def adam_for(model):
@@ -414,8 +454,14 @@ def test_optimizer_state_converts_between_adam_and_lazy_adam():
 
     def lazy_steps(opt, part):
         for grads, touched, lr in part:
-            opt.step({n: gr if LATENT_DIMS[n] is None else gr.index_select(LATENT_DIMS[n], touched)
-                      for n, gr in grads.items()}, touched, lr)
+            opt.step(
+                {
+                    n: gr if LATENT_DIMS[n] is None else gr.index_select(LATENT_DIMS[n], touched)
+                    for n, gr in grads.items()
+                },
+                touched,
+                lr,
+            )
 
     names = [name for name, _ in model0.named_parameters()]
     ref = copy.deepcopy(model0)
@@ -435,8 +481,9 @@ def test_optimizer_state_converts_between_adam_and_lazy_adam():
     lazy_steps(lazy_b, schedule[:6])
     converted = adam_state_from_lazy(lazy_b.state_dict())
     adam_b = adam_for(b)
-    adam_b.load_state_dict({"state": {i: converted[n] for i, n in enumerate(names)},
-                            "param_groups": adam_b.state_dict()["param_groups"]})
+    adam_b.load_state_dict(
+        {"state": {i: converted[n] for i, n in enumerate(names)}, "param_groups": adam_b.state_dict()["param_groups"]}
+    )
     adam_steps(b, adam_b, schedule[6:])
 
     for name in names:

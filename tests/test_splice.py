@@ -177,8 +177,11 @@ def identity_sae_folder(path, d: int):
     """A JumpReLU SAE whose x_hat is exactly x: latents +x_d and -x_d, thresholds ~0, zero biases."""
     eye = torch.eye(d)
     weights = {
-        "W_enc": torch.cat([eye, -eye], dim=1), "b_enc": torch.zeros(2 * d),
-        "W_dec": torch.cat([eye, -eye], dim=0), "b_dec": torch.zeros(d), "threshold": torch.full((2 * d,), 1e-30),
+        "W_enc": torch.cat([eye, -eye], dim=1),
+        "b_enc": torch.zeros(2 * d),
+        "W_dec": torch.cat([eye, -eye], dim=0),
+        "b_dec": torch.zeros(d),
+        "threshold": torch.full((2 * d,), 1e-30),
     }
     path.mkdir()
     save_file(weights, str(path / "sae_weights.safetensors"))

@@ -19,8 +19,13 @@ from tests.test_train_live import harvester, live_config, losses
 def test_parse_grid_types_and_errors():
     grid = parse_grid(["target_l0=4,8", "--layer=1,3", "lr=1e-3", "d-sae=none,64"])
     assert grid == {"target_l0": [4.0, 8.0], "layer": [1, 3], "lr": [1e-3], "d_sae": [None, 64]}
-    for spec, message in [("batch_size=16,32", "sweepable"), ("context_size=8,16", "sweepable"),
-                          ("target_l0", "FIELD=V1,V2"), ("target_l0=4,4", "repeats"), ("layer=a", "layer=a")]:
+    for spec, message in [
+        ("batch_size=16,32", "sweepable"),
+        ("context_size=8,16", "sweepable"),
+        ("target_l0", "FIELD=V1,V2"),
+        ("target_l0=4,4", "repeats"),
+        ("layer=a", "layer=a"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             parse_grid([spec])
     with pytest.raises(ConfigError, match="given twice"):
@@ -31,7 +36,9 @@ def test_parse_grid_types_and_errors():
 
 def test_a_grid_over_a_mode_takes_only_its_values():
     assert parse_grid(["sparsity=l0,target_l0", "compute_dtype=float32,auto"]) == {
-        "sparsity": ["l0", "target_l0"], "compute_dtype": ["float32", "auto"]}
+        "sparsity": ["l0", "target_l0"],
+        "compute_dtype": ["float32", "auto"],
+    }
     with pytest.raises(ConfigError, match=r"sparsity=l0,L1.*'L1' is not one of \('l0', 'target_l0'\)"):
         parse_grid(["sparsity=l0,L1"])
 
@@ -39,8 +46,12 @@ def test_a_grid_over_a_mode_takes_only_its_values():
 def test_members_are_the_combinations(tmp_path):
     base = dataclasses.replace(TrainConfig(), run=dataclasses.replace(TrainConfig().run, out_dir=str(tmp_path)))
     out = members(base, {"layer": [1, 3], "target_l0": [4.0, 8.0]})
-    assert [name for name, _ in out] == ["layer=1_target_l0=4.0", "layer=1_target_l0=8.0",
-                                         "layer=3_target_l0=4.0", "layer=3_target_l0=8.0"]
+    assert [name for name, _ in out] == [
+        "layer=1_target_l0=4.0",
+        "layer=1_target_l0=8.0",
+        "layer=3_target_l0=4.0",
+        "layer=3_target_l0=8.0",
+    ]
     assert [(c.model.layer, c.objective.target_l0) for _, c in out] == [(1, 4.0), (1, 8.0), (3, 4.0), (3, 8.0)]
     assert out[2][1].run.out_dir == str(tmp_path / "layer=3_target_l0=4.0")
 
@@ -93,10 +104,36 @@ def test_sweep_resumes_as_one(tiny_model, text_file, tmp_path):
 
 def test_cli_sweep_and_resume(tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["sweep", "--grid", "target_l0=4,8", "--model", tiny_model, "--layer", "2", "--model-device", "cpu",
-            "--dataset", text_file, "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32",
-            "--d-sae", "64", "--init-l0", "16", "--steps", "4", "--out-dir", str(out), "--device", "cpu",
-            "--no-progress"]
+    args = [
+        "sweep",
+        "--grid",
+        "target_l0=4,8",
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--buffer-tokens",
+        "96",
+        "--batch-size",
+        "32",
+        "--d-sae",
+        "64",
+        "--init-l0",
+        "16",
+        "--steps",
+        "4",
+        "--out-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "2 SAEs from one harvest" in text and "target_l0=8.0" in text

@@ -39,11 +39,11 @@ def test_large_tilt_approaches_the_max(losses, tilt):
 @settings(max_examples=100, deadline=None)
 @given(losses_strategy(), st.sampled_from([0.01, 0.3, 2.0, 50.0]))
 def test_gradient_is_the_softmax_weighted_per_token_gradient(losses, tilt):
-    l = losses.clone().requires_grad_()
-    tilted_mean(l, tilt).backward()
+    leaf = losses.clone().requires_grad_()
+    tilted_mean(leaf, tilt).backward()
     t = losses.numpy() * tilt
     weights = np.exp(t - t.max()) / np.exp(t - t.max()).sum()
-    np.testing.assert_allclose(l.grad.numpy(), weights, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(leaf.grad.numpy(), weights, rtol=1e-10, atol=1e-14)
 
 
 def test_huge_tilt_neither_overflows_nor_loses_the_gradient():

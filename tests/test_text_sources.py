@@ -56,7 +56,9 @@ def test_map_style_rows_and_positions_are_those_of_earlier_releases(tokenizer, t
     ids = tokenizer(expected_texts, add_special_tokens=False, truncation=True, max_length=15)["input_ids"]
     assert [row for row, _ in rows] == [[BOS, *r] for r in ids]
     assert [p for _, p in rows][:8] == [{"epoch": 0, "index": i} for i in range(1, 7)] + [
-        {"epoch": 1, "index": 0}, {"epoch": 1, "index": 1}]
+        {"epoch": 1, "index": 0},
+        {"epoch": 1, "index": 1},
+    ]
 
 
 def test_seek_back_inside_the_latest_take_reuses_its_rows(tokenizer, text_file):
@@ -102,7 +104,7 @@ def test_stream_resumes_exactly_mid_epoch_and_across_epochs(tokenizer, text_file
     for stop in (0, 7, boundary, boundary + 1, epochs.index(2) + 3):
         resumed = TokenRows(stream_of(text_file), tokenizer, 16, data_seed=5, packing=packing)
         resumed.seek(roundtrip(reference[stop][1]))
-        assert resumed.take(12) == reference[stop + 1:stop + 13]
+        assert resumed.take(12) == reference[stop + 1 : stop + 13]
 
 
 def test_stream_max_examples_caps_every_epoch_to_the_same_examples(tokenizer, text_file):
@@ -166,7 +168,7 @@ def test_packed_stream_resumes_mid_example(tokenizer, text_file):
     for stop in (mid[0], mid[len(mid) // 2], 0, 1):
         resumed = TokenRows(texts, tokenizer, 16, packing=True)
         resumed.seek(roundtrip(reference[stop][1]))
-        assert resumed.take(8) == reference[stop + 1:stop + 9]
+        assert resumed.take(8) == reference[stop + 1 : stop + 9]
 
 
 def test_packing_a_dataset_of_empty_examples_fails_instead_of_spinning(tokenizer):
@@ -176,24 +178,50 @@ def test_packing_a_dataset_of_empty_examples_fails_instead_of_spinning(tokenizer
 
 # ------------------------------------------------------------------------------------------ medical QA
 
-MEDQA = {"id": "q1", "data": {
-    "Question": "A 23-year-old woman has dysuria. Which drug is best?",
-    "Options": {"A": "Ampicillin", "B": "Ceftriaxone", "C": "Doxycycline", "D": "Nitrofurantoin"},
-    "Correct Answer": "Nitrofurantoin", "Correct Option": "D"}, "subject_name": ""}
-MEDMCQA = {"id": "m1", "question": "Which of the following is not true for myelinated nerve fibers:",
-           "opa": "Impulse through myelinated fibers is slower", "opb": "Membrane currents are generated at nodes",
-           "opc": "Saltatory conduction is seen", "opd": "Local anesthesia is effective", "cop": 0,
-           "choice_type": "single", "exp": "Conduction is faster in myelinated fibers.",
-           "subject_name": "Physiology", "topic_name": None}
-PUBMEDQA = {"id": "p1", "data": {
-    "Context": ["Statins have pleiotropic effects.", "We studied 200 patients."],
-    "Question": "Do preoperative statins reduce atrial fibrillation?",
-    "Options": {"A": "yes", "B": "no", "C": "maybe"}, "Correct Answer": "yes", "Correct Option": "A",
-    "Long Answer": "Preoperative statins reduce atrial fibrillation after surgery."}}
-MMLU = {"id": "u1", "data": {
-    "Question": "Which vessel supplies the SA node?",
-    "Options": {"A": "Right coronary artery", "B": "Left circumflex", "C": "Aorta", "D": "Vena cava"},
-    "Correct Answer": "Right coronary artery", "Correct Option": "A"}, "subject_name": "anatomy"}
+MEDQA = {
+    "id": "q1",
+    "data": {
+        "Question": "A 23-year-old woman has dysuria. Which drug is best?",
+        "Options": {"A": "Ampicillin", "B": "Ceftriaxone", "C": "Doxycycline", "D": "Nitrofurantoin"},
+        "Correct Answer": "Nitrofurantoin",
+        "Correct Option": "D",
+    },
+    "subject_name": "",
+}
+MEDMCQA = {
+    "id": "m1",
+    "question": "Which of the following is not true for myelinated nerve fibers:",
+    "opa": "Impulse through myelinated fibers is slower",
+    "opb": "Membrane currents are generated at nodes",
+    "opc": "Saltatory conduction is seen",
+    "opd": "Local anesthesia is effective",
+    "cop": 0,
+    "choice_type": "single",
+    "exp": "Conduction is faster in myelinated fibers.",
+    "subject_name": "Physiology",
+    "topic_name": None,
+}
+PUBMEDQA = {
+    "id": "p1",
+    "data": {
+        "Context": ["Statins have pleiotropic effects.", "We studied 200 patients."],
+        "Question": "Do preoperative statins reduce atrial fibrillation?",
+        "Options": {"A": "yes", "B": "no", "C": "maybe"},
+        "Correct Answer": "yes",
+        "Correct Option": "A",
+        "Long Answer": "Preoperative statins reduce atrial fibrillation after surgery.",
+    },
+}
+MMLU = {
+    "id": "u1",
+    "data": {
+        "Question": "Which vessel supplies the SA node?",
+        "Options": {"A": "Right coronary artery", "B": "Left circumflex", "C": "Aorta", "D": "Vena cava"},
+        "Correct Answer": "Right coronary artery",
+        "Correct Option": "A",
+    },
+    "subject_name": "anatomy",
+}
 
 
 def test_each_schema_is_formatted_as_question_options_answer_explanation():
@@ -223,8 +251,13 @@ def test_each_schema_is_formatted_as_question_options_answer_explanation():
     sparse = {"data": {**MMLU["data"], "Options": {**MMLU["data"]["Options"], "E": None}, "Correct Option": None}}
     assert format_mcq(sparse) == format_mcq(MMLU)
     assert [(s.folder, s.split) for s in SOURCES] == [
-        ("medqa", "train"), ("medmcqa", "train"), ("pubmedqa", "train"), ("mmlu_college_medicine", "test"),
-        ("mmlu_clinical_knowledge", "test"), ("mmlu_professional_medicine", "test")]
+        ("medqa", "train"),
+        ("medmcqa", "train"),
+        ("pubmedqa", "train"),
+        ("mmlu_college_medicine", "test"),
+        ("mmlu_clinical_knowledge", "test"),
+        ("mmlu_professional_medicine", "test"),
+    ]
     assert [s.format for s in SOURCES] == [format_mcq, format_medmcqa, format_pubmedqa, *[format_mcq] * 3]
 
 
@@ -235,6 +268,7 @@ def write_jsonl(path, rows):
 
 def medical_mirror(root):
     """A tiny local copy of the six datasets in their hub schemas and the layouts a download gives."""
+
     def numbered(row, i, key="Question"):
         if "data" in row:
             return {**row, "id": f"{row['id']}-{i}", "data": {**row["data"], key: f"{row['data'][key]} ({i})"}}
@@ -304,8 +338,9 @@ def walk(rows: TokenRows) -> list:
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("streaming", [False, True])
 def test_prefetch_gives_the_rows_of_no_prefetch(tokenizer, text_file, packing, streaming):
-    cfg = DataConfig(dataset=text_file, context_size=16, data_seed=4, packing=packing, streaming=streaming,
-                     shuffle_buffer=8)
+    cfg = DataConfig(
+        dataset=text_file, context_size=16, data_seed=4, packing=packing, streaming=streaming, shuffle_buffer=8
+    )
     plain, ahead = token_rows(cfg, tokenizer, prefetch=False), token_rows(cfg, tokenizer, prefetch=True)
     assert walk(ahead) == walk(plain)
     ahead.close()
@@ -385,8 +420,13 @@ def test_prefetcher_order_errors_and_close():
 def test_harvester_batches_are_identical_with_prefetched_rows(tiny_model, text_file):
     def harvester(prefetch):
         data = DataConfig(dataset=text_file, context_size=16, max_examples=12)
-        h = Harvester(ModelConfig(model=tiny_model, layer=2), data,
-                      BufferConfig(buffer_tokens=64, forward_batch_rows=4, passes=1), batch_size=16, progress=False)
+        h = Harvester(
+            ModelConfig(model=tiny_model, layer=2),
+            data,
+            BufferConfig(buffer_tokens=64, forward_batch_rows=4, passes=1),
+            batch_size=16,
+            progress=False,
+        )
         h.rows = token_rows(data, h.tokenizer, prefetch=prefetch)
         return h
 

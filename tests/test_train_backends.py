@@ -14,8 +14,9 @@ from tests.test_kernels_common import INTERPRET
 from tests.test_training import fit_until_crash, small_config
 
 
-def run(tmp_path, backend: str, steps: int = 8, sparsity: str = "target_l0", tilt: float = 0.0,
-        compute_dtype: str = "auto") -> list[dict]:
+def run(
+    tmp_path, backend: str, steps: int = 8, sparsity: str = "target_l0", tilt: float = 0.0, compute_dtype: str = "auto"
+) -> list[dict]:
     out = tmp_path / f"{backend}-{sparsity}-{tilt}-{compute_dtype}"
     cfg = small_config(out, steps=steps)
     cfg.sae.backend, cfg.sae.compute_dtype = backend, compute_dtype

@@ -50,10 +50,38 @@ def test_live_run_interrupted_and_resumed_reproduces_the_losses(tiny_model, text
 
 def test_cli_trains_and_writes_a_loadable_checkpoint(tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = ["train", "--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
-            "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
-            "--init-l0", "16", "--target-l0", "8", "--steps", "6", "--log-every", "2", "--out-dir", str(out),
-            "--device", "cpu", "--no-progress"]
+    args = [
+        "train",
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--buffer-tokens",
+        "96",
+        "--batch-size",
+        "32",
+        "--d-sae",
+        "64",
+        "--init-l0",
+        "16",
+        "--target-l0",
+        "8",
+        "--steps",
+        "6",
+        "--log-every",
+        "2",
+        "--out-dir",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "checkpoint" in text and "explained variance" in text and "dead latents" in text
@@ -81,9 +109,30 @@ def test_cli_trains_and_writes_a_loadable_checkpoint(tiny_model, text_file, tmp_
     ],
 )
 def test_cli_bad_input_is_named_before_any_training(tiny_model, text_file, tmp_path, capsys, extra, message):
-    base = ["train", "--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
-            "--context-size", "16", "--batch-size", "32", "--buffer-tokens", "96", "--out-dir", str(tmp_path / "r"),
-            "--device", "cpu", "--no-progress", "--init-l0", "none"]
+    base = [
+        "train",
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--batch-size",
+        "32",
+        "--buffer-tokens",
+        "96",
+        "--out-dir",
+        str(tmp_path / "r"),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--init-l0",
+        "none",
+    ]
     assert main(base + extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -98,15 +147,52 @@ def test_cli_refuses_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
 
 
 def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, capsys):
-    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
-              "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
-              "--init-l0", "16", "--steps", "4", "--device", "cpu", "--no-progress"]
+    common = [
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--buffer-tokens",
+        "96",
+        "--batch-size",
+        "32",
+        "--d-sae",
+        "64",
+        "--init-l0",
+        "16",
+        "--steps",
+        "4",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     for name, target in (("a", "8"), ("b", "4")):
         assert main(["train", *common, "--target-l0", target, "--out-dir", str(tmp_path / name)]) == 0
     out = tmp_path / "eval"
-    args = ["eval", str(tmp_path / "a"), str(tmp_path / "b"), "--heldout-examples", "12", "--eval-tokens", "60",
-            "--dark-matter-fit-tokens", "40", "--splice-rows", "4", "--eval-device", "cpu", "--out", str(out),
-            "--no-progress"]
+    args = [
+        "eval",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--heldout-examples",
+        "12",
+        "--eval-tokens",
+        "60",
+        "--dark-matter-fit-tokens",
+        "40",
+        "--splice-rows",
+        "4",
+        "--eval-device",
+        "cpu",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["model"] == tiny_model and report["layer"] == 2  # from the SAEs' metadata
@@ -122,15 +208,58 @@ def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, 
 
 
 def test_eval_can_include_special_tokens(tiny_model, text_file, tmp_path):
-    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--dataset", text_file,
-              "--context-size", "16", "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64",
-              "--init-l0", "16", "--target-l0", "8", "--steps", "2", "--device", "cpu", "--no-progress"]
+    common = [
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--dataset",
+        text_file,
+        "--context-size",
+        "16",
+        "--buffer-tokens",
+        "96",
+        "--batch-size",
+        "32",
+        "--d-sae",
+        "64",
+        "--init-l0",
+        "16",
+        "--target-l0",
+        "8",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     assert main(["train", *common, "--out-dir", str(tmp_path / "a")]) == 0
     spliced = {}
     for flag in ("--exclude-special-tokens", "--no-exclude-special-tokens"):
         out = tmp_path / flag
-        assert main(["eval", str(tmp_path / "a"), "--heldout-examples", "12", "--eval-tokens", "40",
-                     "--splice-rows", "4", "--eval-device", "cpu", "--out", str(out), "--no-progress", flag]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(tmp_path / "a"),
+                    "--heldout-examples",
+                    "12",
+                    "--eval-tokens",
+                    "40",
+                    "--splice-rows",
+                    "4",
+                    "--eval-device",
+                    "cpu",
+                    "--out",
+                    str(out),
+                    "--no-progress",
+                    flag,
+                ]
+            )
+            == 0
+        )
         report = json.loads((out / "report.json").read_text())
         spliced[flag] = report["saes"][str(tmp_path / "a")]["downstream"]["spliced_positions"]
     assert spliced["--no-exclude-special-tokens"] == spliced["--exclude-special-tokens"] + 4  # + one BOS per row
@@ -141,14 +270,54 @@ def test_train_and_eval_on_the_medical_qa_preset_from_a_local_mirror(tiny_model,
 
     mirror = tmp_path / "mirror"
     medical_mirror(mirror)
-    common = ["--model", tiny_model, "--layer", "2", "--model-device", "cpu", "--context-size", "16",
-              "--buffer-tokens", "96", "--batch-size", "32", "--d-sae", "64", "--init-l0", "16", "--steps", "2",
-              "--device", "cpu", "--no-progress"]
+    common = [
+        "--model",
+        tiny_model,
+        "--layer",
+        "2",
+        "--model-device",
+        "cpu",
+        "--context-size",
+        "16",
+        "--buffer-tokens",
+        "96",
+        "--batch-size",
+        "32",
+        "--d-sae",
+        "64",
+        "--init-l0",
+        "16",
+        "--steps",
+        "2",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     run = tmp_path / "run"
     assert main(["train", *common, "--dataset", "medical-qa", "--data-dir", str(mirror), "--out-dir", str(run)]) == 0
     meta = json.loads((run / "checkpoints" / "step_000000002" / "cfg.json").read_text())["metadata"]
     assert meta["dataset_path"] == "medical-qa" and meta["data_dir"] == str(mirror)
     out = tmp_path / "eval"  # the mirror comes from the SAE's metadata: offline, no --data-dir needed
-    assert main(["eval", str(run), "--heldout-examples", "6", "--eval-tokens", "30", "--dark-matter-fit-tokens", "0",
-                 "--splice-rows", "2", "--eval-device", "cpu", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(run),
+                "--heldout-examples",
+                "6",
+                "--eval-tokens",
+                "30",
+                "--dark-matter-fit-tokens",
+                "0",
+                "--splice-rows",
+                "2",
+                "--eval-device",
+                "cpu",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "report.json").read_text())["dataset"] == "medical-qa"

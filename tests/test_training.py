@@ -21,8 +21,9 @@ def small_config(out_dir: Path, steps: int = 40, **run) -> TrainConfig:
         sae=SAEConfig(d_sae=96, init_l0=16.0),
         objective=ObjectiveConfig(sparsity="target_l0", target_l0=6.0, sparsity_warmup_steps=10),
         optim=OptimConfig(lr=3e-3, lr_warmup_steps=5, batch_size=64),
-        run=RunConfig(steps=steps, out_dir=str(out_dir), device="cpu", log_every=1, checkpoint_every=10,
-                      init_batches=2, **run),
+        run=RunConfig(
+            steps=steps, out_dir=str(out_dir), device="cpu", log_every=1, checkpoint_every=10, init_batches=2, **run
+        ),
     )
 
 
@@ -73,8 +74,9 @@ def test_saved_sae_on_raw_activations_matches_the_trained_one_in_scaled_space(tm
     assert cfg["architecture"] == "jumprelu" and cfg["normalize_activations"] == "none"
     assert weights["W_enc"].shape == (24, 96) and weights["W_dec"].shape == (96, 24)
     x_raw = source.batch(1000)
-    raw = R.sae_forward(x_raw, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"],
-                        weights["threshold"], 0.001)
+    raw = R.sae_forward(
+        x_raw, weights["W_enc"], weights["b_enc"], weights["W_dec"], weights["b_dec"], weights["threshold"], 0.001
+    )
     with torch.no_grad():
         scaled = trainer.model(x_raw * trainer.scale)
     torch.testing.assert_close(raw.x_hat, scaled.x_hat / trainer.scale, rtol=1e-5, atol=1e-5 * x_raw.abs().max())
@@ -108,8 +110,9 @@ def test_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(tmp_pat
     fit_until_crash(broken, 27, Interrupt)
     assert ckpt.find_checkpoint(tmp_path / "broken").name == "step_000000020"
 
-    resumed = Trainer(small_config(tmp_path / "broken"), SyntheticActivations(), progress=False,
-                      resume=tmp_path / "broken")
+    resumed = Trainer(
+        small_config(tmp_path / "broken"), SyntheticActivations(), progress=False, resume=tmp_path / "broken"
+    )
     assert resumed.step == 20
     resumed.fit()
     keys = ("loss", "reconstruction", "sparsity", "l0", "explained_variance", "grad_norm", "lr")

@@ -60,12 +60,20 @@ def _encode(x: Tensor, weights: dict[str, Tensor], latents: Tensor | None = None
     return reference.encode(x, W_enc, b_enc, weights["b_dec"], threshold, FORWARD_BANDWIDTH).acts
 
 
-def _batches(lm: nn.Module, tokenizer, layer: int, rows: list[list[int]], row_ids: list[int], weights, batch_rows: int,
-             latents: Tensor | None = None):
+def _batches(
+    lm: nn.Module,
+    tokenizer,
+    layer: int,
+    rows: list[list[int]],
+    row_ids: list[int],
+    weights,
+    batch_rows: int,
+    latents: Tensor | None = None,
+):
     """Yield (row index [N], position [N], acts [N, F']) for the kept tokens of rows[row_ids], batch by batch."""
     device = weights["W_enc"].device
     for i in range(0, len(row_ids), batch_rows):
-        ids = row_ids[i:i + batch_rows]
+        ids = row_ids[i : i + batch_rows]
         input_ids, mask = pad_rows([rows[r] for r in ids], tokenizer.pad_token_id or 0, device)
         keep = keep_mask(input_ids, mask, tokenizer, True)
         if not keep.any():
@@ -76,8 +84,15 @@ def _batches(lm: nn.Module, tokenizer, layer: int, rows: list[list[int]], row_id
             yield torch.tensor(ids, device=device)[where[:, 0]], where[:, 1], _encode(x, weights, latents)
 
 
-def top_activations(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor], rows: list[list[int]],
-                    k: int = 10, batch_rows: int = 8) -> TopActivations:
+def top_activations(
+    lm: nn.Module,
+    tokenizer,
+    layer: int,
+    weights: dict[str, Tensor],
+    rows: list[list[int]],
+    k: int = 10,
+    batch_rows: int = 8,
+) -> TopActivations:
     """Each latent's k max-activating kept tokens (special tokens and padding excluded, as in training).
 
     weights: raw-space JumpReLU weights (W_enc [D, F], b_enc [F], W_dec [F, D], b_dec [D], threshold [F]), on
@@ -122,7 +137,9 @@ def token_text(tokenizer, token_ids: list[int]) -> list[str]:
     return [cache[t] for t in token_ids]
 
 
-def logit_effects(lm: nn.Module, tokenizer, W_dec: Tensor, latents: list[int], top: int = 10) -> list[list[tuple[str, float]]]:
+def logit_effects(
+    lm: nn.Module, tokenizer, W_dec: Tensor, latents: list[int], top: int = 10
+) -> list[list[tuple[str, float]]]:
     """Direct logit effect of each latent's decoder direction: W_dec[j] @ W_U^T, its `top` largest tokens.
 
     This skips the final norm (its scale and the normalisation by the residual's RMS) and any logit
@@ -139,9 +156,18 @@ def logit_effects(lm: nn.Module, tokenizer, W_dec: Tensor, latents: list[int], t
     return [list(zip(token_text(tokenizer, ids), vals)) for ids, vals in zip(i.tolist(), v.tolist())]
 
 
-def quantile_samples(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor], rows: list[list[int]],
-                     latents: list[int], per_latent: int = 5, pool: int = 256, seed: int = 0,
-                     batch_rows: int = 8) -> list[list[tuple[float, int, int]]]:
+def quantile_samples(
+    lm: nn.Module,
+    tokenizer,
+    layer: int,
+    weights: dict[str, Tensor],
+    rows: list[list[int]],
+    latents: list[int],
+    per_latent: int = 5,
+    pool: int = 256,
+    seed: int = 0,
+    batch_rows: int = 8,
+) -> list[list[tuple[float, int, int]]]:
     """For each latent, `per_latent` firings (activation, row, position) spread over its activation quantiles.
 
     A uniform sample of up to `pool` firings per latent is kept while streaming (bottom-k of random keys, so
@@ -171,36 +197,59 @@ def quantile_samples(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Te
     return out
 
 
-def latent_pages(lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor], rows: list[list[int]],
-                 top: TopActivations, latents: list[int], context: int = 8, batch_rows: int = 8,
-                 samples_per_latent: int = 5) -> list[LatentPage]:
+def latent_pages(
+    lm: nn.Module,
+    tokenizer,
+    layer: int,
+    weights: dict[str, Tensor],
+    rows: list[list[int]],
+    top: TopActivations,
+    latents: list[int],
+    context: int = 8,
+    batch_rows: int = 8,
+    samples_per_latent: int = 5,
+) -> list[LatentPage]:
     """Pages of the given latents: their top contexts and a sample across activation quantiles (+-`context`
     tokens each), coloured by activation."""
     weights = {name: t.float() for name, t in weights.items()}
     sel = torch.tensor(latents, dtype=torch.int64)
     samples = (
         quantile_samples(lm, tokenizer, layer, weights, rows, latents, samples_per_latent, batch_rows=batch_rows)
-        if samples_per_latent else [[] for _ in latents]
+        if samples_per_latent
+        else [[] for _ in latents]
     )
     needed = sorted({r for r in top.rows[sel][top.values[sel] > 0].tolist()} | {r for s in samples for _, r, _ in s})
     # Activation of each shown latent at each kept position of each needed row; 0 elsewhere (specials).
     per_row = {r: torch.zeros(len(rows[r]), len(latents)) for r in needed}
-    for row_idx, pos, acts in _batches(lm, tokenizer, layer, rows, needed, weights, batch_rows,
-                                       sel.to(weights["W_enc"].device)):
+    for row_idx, pos, acts in _batches(
+        lm, tokenizer, layer, rows, needed, weights, batch_rows, sel.to(weights["W_enc"].device)
+    ):
         for r, p, a in zip(row_idx.tolist(), pos.tolist(), acts.cpu()):
             per_row[r][p] = a
     effects = logit_effects(lm, tokenizer, weights["W_dec"], latents)
+
     def window(col: int, r: int, p: int) -> Context:
         lo, hi = max(0, p - context), min(len(rows[r]), p + context + 1)
         return Context(token_text(tokenizer, rows[r][lo:hi]), per_row[r][lo:hi, col].tolist(), p - lo, r, p)
 
     pages = []
     for col, j in enumerate(latents):
-        contexts = [window(col, r, p) for value, r, p in
-                    zip(top.values[j].tolist(), top.rows[j].tolist(), top.positions[j].tolist()) if value > 0]
+        contexts = [
+            window(col, r, p)
+            for value, r, p in zip(top.values[j].tolist(), top.rows[j].tolist(), top.positions[j].tolist())
+            if value > 0
+        ]
         density = int(top.fire_counts[j]) / max(top.tokens, 1)
-        pages.append(LatentPage(j, density, max(float(top.values[j, 0]), 0.0), contexts, effects[col],
-                                [window(col, r, p) for _, r, p in samples[col]]))
+        pages.append(
+            LatentPage(
+                j,
+                density,
+                max(float(top.values[j, 0]), 0.0),
+                contexts,
+                effects[col],
+                [window(col, r, p) for _, r, p in samples[col]],
+            )
+        )
     return pages
 
 
@@ -236,8 +285,10 @@ document.getElementById('search').addEventListener('input', e => {
 def _token_html(text: str, activation: float, scale: float, is_max: bool) -> str:
     alpha = 0.0 if scale <= 0 else min(max(activation / scale, 0.0), 1.0)
     shown = text.replace("\n", "\u21b5")
-    return (f'<span class="tok{" max" if is_max else ""}" style="background: rgba(255, 120, 0, {alpha:.2f})" '
-            f'title="{activation:.3f}">{html.escape(shown)}</span>')
+    return (
+        f'<span class="tok{" max" if is_max else ""}" style="background: rgba(255, 120, 0, {alpha:.2f})" '
+        f'title="{activation:.3f}">{html.escape(shown)}</span>'
+    )
 
 
 def _context_html(c: Context, scale: float) -> str:
@@ -261,12 +312,15 @@ def render_html(pages: list[LatentPage], title: str = "SAE feature browser", not
             )
         logits = ""
         if page.logit_effects:
-            logits = ('<div class="logits">direct logit effect (W_dec[j] @ W_U^T, no final norm): '
-                      + "".join(f"<code>{html.escape(t)}</code>{v:+.2f} " for t, v in page.logit_effects) + "</div>")
+            logits = (
+                '<div class="logits">direct logit effect (W_dec[j] @ W_U^T, no final norm): '
+                + "".join(f"<code>{html.escape(t)}</code>{v:+.2f} " for t, v in page.logit_effects)
+                + "</div>"
+            )
         sections.append(
             f'<section class="latent" id="latent-{page.index}" data-index="{page.index}" '
             f'data-density="{page.density:.6g}"><h2>latent {page.index} <span class="meta">density '
-            f'{page.density:.3%} &middot; max activation {page.max_activation:.3f}</span></h2>'
+            f"{page.density:.3%} &middot; max activation {page.max_activation:.3f}</span></h2>"
             f"{ctx_html}{logits}</section>"
         )
     return (
@@ -280,14 +334,26 @@ def render_html(pages: list[LatentPage], title: str = "SAE feature browser", not
     )
 
 
-def write_browser(path: str | Path, lm: nn.Module, tokenizer, layer: int, weights: dict[str, Tensor],
-                  rows: list[list[int]], latents: int, k: int = 10, context: int = 8, order: str = "density",
-                  title: str = "SAE feature browser") -> Path:
+def write_browser(
+    path: str | Path,
+    lm: nn.Module,
+    tokenizer,
+    layer: int,
+    weights: dict[str, Tensor],
+    rows: list[list[int]],
+    latents: int,
+    k: int = 10,
+    context: int = 8,
+    order: str = "density",
+    title: str = "SAE feature browser",
+) -> Path:
     """Write the browser of `latents` latents (chosen by `order`) of one SAE to `path`; return the path."""
     top = top_activations(lm, tokenizer, layer, weights, rows, k)
     pages = latent_pages(lm, tokenizer, layer, weights, rows, top, select_latents(top, latents, order), context)
-    note = (f"{top.tokens:,} tokens in {len(rows)} rows (special tokens excluded); top {k} contexts per latent, "
-            f"+-{context} tokens; {len(pages)} of {len(top.fire_counts)} latents, by {order}.")
+    note = (
+        f"{top.tokens:,} tokens in {len(rows)} rows (special tokens excluded); top {k} contexts per latent, "
+        f"+-{context} tokens; {len(pages)} of {len(top.fire_counts)} latents, by {order}."
+    )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(pages, title, note), encoding="utf-8")

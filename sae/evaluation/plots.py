@@ -46,8 +46,10 @@ def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
     """
     saes = report.get("saes") if isinstance(report, dict) else None
     if not saes:
-        raise ValueError("the report has no SAEs (report['saes'] is missing or empty): nothing to plot; "
-                         "pass the dict returned by sae.evaluation.report.evaluate with at least one SAE")
+        raise ValueError(
+            "the report has no SAEs (report['saes'] is missing or empty): nothing to plot; "
+            "pass the dict returned by sae.evaluation.report.evaluate with at least one SAE"
+        )
     import matplotlib
 
     matplotlib.use("Agg")
@@ -56,12 +58,20 @@ def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     labelled = [(sae_label(path), r) for path, r in saes.items()]
-    written = [_scatter(
-        plt, [(label, r["sparsity"]["mean_l0"], r["reconstruction"]["explained_variance"]) for label, r in labelled],
-        "explained variance (about the mean)", "Explained variance vs L0", folder / FIGURES[0],
-    )]
-    down = [(label, r["sparsity"]["mean_l0"], r["downstream"]["delta_ce"]) for label, r in labelled
-            if r.get("downstream") and r["downstream"].get("delta_ce") is not None]
+    written = [
+        _scatter(
+            plt,
+            [(label, r["sparsity"]["mean_l0"], r["reconstruction"]["explained_variance"]) for label, r in labelled],
+            "explained variance (about the mean)",
+            "Explained variance vs L0",
+            folder / FIGURES[0],
+        )
+    ]
+    down = [
+        (label, r["sparsity"]["mean_l0"], r["downstream"]["delta_ce"])
+        for label, r in labelled
+        if r.get("downstream") and r["downstream"].get("delta_ce") is not None
+    ]
     if down:
         written.append(_scatter(plt, down, "delta CE (nats, spliced - clean)", "Delta CE vs L0", folder / FIGURES[1]))
 

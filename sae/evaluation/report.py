@@ -169,9 +169,10 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
             f"the {cfg.heldout_examples} held-out examples hold only {len(x_all)} tokens; lower --eval-tokens "
             "or raise --heldout-examples"
         )
-    x_fit, x = x_all[: cfg.dark_matter_fit_tokens], x_all[cfg.dark_matter_fit_tokens:]
-    splice_batches = [pad_rows(token_rows[i:i + 4], tokenizer.pad_token_id or 0, device)
-                      for i in range(0, cfg.splice_rows, 4)]
+    x_fit, x = x_all[: cfg.dark_matter_fit_tokens], x_all[cfg.dark_matter_fit_tokens :]
+    splice_batches = [
+        pad_rows(token_rows[i : i + 4], tokenizer.pad_token_id or 0, device) for i in range(0, cfg.splice_rows, 4)
+    ]
     mean = activation_mean(lm, tokenizer, layer, splice_batches, cfg.exclude_special_tokens) if splice_batches else None
 
     results = {}
@@ -201,36 +202,61 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
             "reconstruction": recon._asdict(),
             "tail_fvu_worst_1pct": float(worst.mean() / recon.variance),
             "sparsity": {k: v for k, v in sparsity._asdict().items() if not isinstance(v, Tensor)},
-            "density_histogram": {k: (v.tolist() if isinstance(v, Tensor) else v)
-                                  for k, v in sparsity.histogram()._asdict().items()},
+            "density_histogram": {
+                k: (v.tolist() if isinstance(v, Tensor) else v) for k, v in sparsity.histogram()._asdict().items()
+            },
             "heldout_overlaps_training": _overlap(info, dataset, cfg.data_seed, start),
         }
         if dark is not None:
             result["dark_matter"] = dark.result()._asdict()
         if splice_batches:
             result["downstream"] = downstream_loss(
-                lm, tokenizer, layer, splice_batches, sae_from_weights(weights, device), mean=mean,
+                lm,
+                tokenizer,
+                layer,
+                splice_batches,
+                sae_from_weights(weights, device),
+                mean=mean,
                 exclude_special_tokens=cfg.exclude_special_tokens,
             )._asdict()
         if cfg.browser_latents:
             from sae.evaluation.browser import write_browser
 
             w = {k: v.to(device) for k, v in weights.items()}
-            result["browser"] = write_browser(Path(cfg.out) / f"browser-{i}.html", lm, tokenizer, layer, w,
-                                              token_rows, cfg.browser_latents, title=path).name
+            result["browser"] = write_browser(
+                Path(cfg.out) / f"browser-{i}.html",
+                lm,
+                tokenizer,
+                layer,
+                w,
+                token_rows,
+                cfg.browser_latents,
+                title=path,
+            ).name
         results[path] = result
     return {
-        "config": asdict(cfg), "model": model_name, "layer": layer, "dataset": dataset, "context_size": context,
-        "heldout": {"first_example": start, "examples": rows.num_examples - start, "tokens": len(x),
-                    "dark_matter_fit_tokens": len(x_fit), "splice_rows": cfg.splice_rows},
+        "config": asdict(cfg),
+        "model": model_name,
+        "layer": layer,
+        "dataset": dataset,
+        "context_size": context,
+        "heldout": {
+            "first_example": start,
+            "examples": rows.num_examples - start,
+            "tokens": len(x),
+            "dark_matter_fit_tokens": len(x_fit),
+            "splice_rows": cfg.splice_rows,
+        },
         "saes": results,
     }
 
 
 def markdown_table(report: dict[str, Any]) -> str:
     """One row per SAE: the headline numbers."""
-    head = ("| SAE | L0 | FVU | explained var. | worst-1% FVU | dead | dense | delta CE | recovered (zero) "
-            "| recovered (mean) | KL | dark-matter R^2 | FVU nonlinear |")
+    head = (
+        "| SAE | L0 | FVU | explained var. | worst-1% FVU | dead | dense | delta CE | recovered (zero) "
+        "| recovered (mean) | KL | dark-matter R^2 | FVU nonlinear |"
+    )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for path, r in report["saes"].items():
         down, dm = r.get("downstream", {}), r.get("dark_matter", {})

@@ -129,7 +129,10 @@ def lm_logits(model: nn.Module, input_ids: Tensor, attention_mask: Tensor) -> Te
 
 
 def activation_mean(
-    model: nn.Module, tokenizer, layer: int, batches: Iterable[tuple[Tensor, Tensor]],
+    model: nn.Module,
+    tokenizer,
+    layer: int,
+    batches: Iterable[tuple[Tensor, Tensor]],
     exclude_special_tokens: bool = True,
 ) -> Tensor:
     """Mean [D] float64 of layer `layer`'s output over the splice positions of (input_ids, attention_mask) batches.
@@ -169,8 +172,14 @@ def _ce_sum(log_probs: Tensor, targets: Tensor) -> float:
 
 
 def batch_losses(
-    model: nn.Module, layer: int, input_ids: Tensor, attention_mask: Tensor, splice_mask: Tensor,
-    target_mask: Tensor, sae: Reconstruct, mean: Tensor,
+    model: nn.Module,
+    layer: int,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    splice_mask: Tensor,
+    target_mask: Tensor,
+    sae: Reconstruct,
+    mean: Tensor,
 ) -> LossSums:
     """Run the clean, spliced, zero- and mean-ablated LM on one batch and sum their losses.
 
@@ -250,8 +259,13 @@ class DownstreamAccumulator:
 
 
 def downstream_loss(
-    model: nn.Module, tokenizer, layer: int, batches: Iterable[tuple[Tensor, Tensor]], sae: Reconstruct,
-    mean: Tensor | None = None, exclude_special_tokens: bool = True,
+    model: nn.Module,
+    tokenizer,
+    layer: int,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    sae: Reconstruct,
+    mean: Tensor | None = None,
+    exclude_special_tokens: bool = True,
 ) -> DownstreamLoss:
     """Downstream loss of `sae` spliced at decoder layer `layer` over (input_ids, attention_mask) batches [R, T].
 

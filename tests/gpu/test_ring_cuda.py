@@ -28,8 +28,9 @@ from harvest.forward import GroupReader
 from harvest.random_rows import RandomTokenRows
 from harvest.ring import CudaStreams
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device: the ring's streams and events exist only there")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device: the ring's streams and events exist only there"
+)
 
 D, CONTEXT, ROWS, VOCAB = 512, 128, 8, 512  # a forward group: 8 rows x 127 tokens (the BOS is not harvested)
 BATCH, PER_SEGMENT = 512, 8
@@ -47,9 +48,19 @@ SLOW_FILL = 40_000_000
 def lm():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=VOCAB, hidden_size=D, intermediate_size=2 * D, num_hidden_layers=3,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=128, max_position_embeddings=CONTEXT,
-                          pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    config = Gemma2Config(
+        vocab_size=VOCAB,
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=128,
+        max_position_embeddings=CONTEXT,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     config._attn_implementation = "eager"  # Gemma-2's soft-capping (RECIPES 6)
     torch.manual_seed(0)
     model = Gemma2ForCausalLM(config).to("cuda", torch.bfloat16).eval().requires_grad_(False)
@@ -58,10 +69,16 @@ def lm():
 
 def harvester(lm) -> Harvester:
     rows = RandomTokenRows(VOCAB, CONTEXT, bos_token_id=2, seed=0, special_ids=SPECIAL)
-    return Harvester(ModelConfig(model="random-gemma2", layer=1, model_dtype="bfloat16"),
-                     DataConfig(dataset="random-token-rows", context_size=CONTEXT),
-                     BufferConfig(buffer_tokens=2 * SEGMENT, forward_batch_rows=ROWS, passes=1, overlap=True),
-                     batch_size=BATCH, device=next(lm[0].parameters()).device, lm=lm, progress=False, rows=rows)
+    return Harvester(
+        ModelConfig(model="random-gemma2", layer=1, model_dtype="bfloat16"),
+        DataConfig(dataset="random-token-rows", context_size=CONTEXT),
+        BufferConfig(buffer_tokens=2 * SEGMENT, forward_batch_rows=ROWS, passes=1, overlap=True),
+        batch_size=BATCH,
+        device=next(lm[0].parameters()).device,
+        lm=lm,
+        progress=False,
+        rows=rows,
+    )
 
 
 class Capture:
@@ -115,13 +132,15 @@ def problems(delivered: list[torch.Tensor], stream: torch.Tensor) -> list[str]:
     found = []
     for k in range(0, len(delivered), PER_SEGMENT):
         segment = k // PER_SEGMENT
-        got = row_hashes(torch.cat(delivered[k:k + PER_SEGMENT]))
-        want = row_hashes(stream[segment * SEGMENT:(segment + 1) * SEGMENT])
+        got = row_hashes(torch.cat(delivered[k : k + PER_SEGMENT]))
+        want = row_hashes(stream[segment * SEGMENT : (segment + 1) * SEGMENT])
         extra = excess(got, want)
         checksum = len(got) < SEGMENT or int(got.sum()) == int(want.sum())
         if len(want) < SEGMENT or extra or not checksum:
-            found.append(f"segment {segment}: {len(got)} rows delivered of {len(want)} harvested, {extra} of them "
-                         f"not harvested or repeated, checksum {int(got.sum())} vs {int(want.sum())}")
+            found.append(
+                f"segment {segment}: {len(got)} rows delivered of {len(want)} harvested, {extra} of them "
+                f"not harvested or repeated, checksum {int(got.sum())} vs {int(want.sum())}"
+            )
     return found
 
 
@@ -154,8 +173,9 @@ def rewind(lm, capture: Capture) -> list[str]:
     h.close()
     torch.cuda.synchronize()
     stream = capture.stream()
-    return [f"before the rewind: {p}" for p in problems(first, stream)] + \
-           [f"after the rewind: {p}" for p in problems(second, stream)]
+    return [f"before the rewind: {p}" for p in problems(first, stream)] + [
+        f"after the rewind: {p}" for p in problems(second, stream)
+    ]
 
 
 @pytest.mark.parametrize("pace", ["slow consumer", "slow producer"])
@@ -190,5 +210,7 @@ def test_a_missing_wait_is_seen(lm, capture, monkeypatch, edge):
         found = rewind(lm, capture)
     else:
         found = once(lm, capture, "slow producer" if edge == "ready" else "slow consumer")
-    assert found, (f"with the {edge} wait knocked out every token still arrived once: these tests cannot see that "
-                   "wait missing (make the slow stream slower)")
+    assert found, (
+        f"with the {edge} wait knocked out every token still arrived once: these tests cannot see that "
+        "wait missing (make the slow stream slower)"
+    )
