@@ -21,10 +21,10 @@ export PYTHONPATH=. HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELIS
 {
     nvidia-smi --format=csv \
         --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu
-    python -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, \
+    "${PYTHON:-python3}" -c "import sys, torch, triton, transformers; print(sys.version.split()[0], torch.__version__, \
 torch.version.cuda, triton.__version__, transformers.__version__)"
 } > "$out/env-$stamp.txt" 2>&1
-python -m bench --json "$out/bench-$stamp.json" --plot "$out/bench-$stamp.png" \
+"${PYTHON:-python3}" -m bench --json "$out/bench-$stamp.json" --plot "$out/bench-$stamp.png" \
     --max-minutes "${BENCH_MINUTES:-8}" "$@" 2>&1 | tee "$out/bench-$stamp.log"
 status=${PIPESTATUS[0]}
 if [ "$out" != bench/results ]; then

@@ -13,8 +13,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 unset TRITON_INTERPRET
 export PYTHONPATH=. CI=true
-python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
+"${PYTHON:-python3}" -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec python -m pytest -q -p no:cacheprovider -rs \
+exec "${PYTHON:-python3}" -m pytest -q -p no:cacheprovider -rs \
     tests/gpu tests/test_kernels.py tests/test_kernels_properties.py tests/test_kernels_mixed.py \
     tests/test_sparse_step.py tests/test_sparse_adam.py tests/test_reference.py tests/test_kernels_compile.py "$@"
