@@ -145,7 +145,9 @@ def _setup(size: str, device: torch.device) -> LMSetup:
     )
 
 
-def _lm(env: Env, size: str) -> LMSetup:
+def lm_setup(env: Env, size: str) -> LMSetup:
+    """The size's model, tokenizer and configs, built once and shared by the cases of that size (the sweep's
+    too: bench/cases_sweep.py)."""
     return env.shared(("lm", size), lambda: _setup(size, env.device))
 
 
@@ -246,7 +248,7 @@ def _check_harvester(env: Env, s: LMSetup, stream: api.Batches) -> tuple[Compari
 
 def _check(size: str, impl: str) -> Callable[[Env], Check]:
     def check(env: Env) -> Check:
-        s = _lm(env, size)
+        s = lm_setup(env, size)
         if impl == "bare":
             return _check_bare(env, s).result()
         cmp, first = _check_harvester(env, s, _stream(s, env))
@@ -270,9 +272,17 @@ def _feed(env: Env, s: LMSetup, source: Iterator[Tensor]) -> api.TrainerFeed:
     )
 
 
+def step_counts(sparse: bool, B: int, D: int, F: int, K: float) -> tuple[float, float]:
+    """FLOPs and bytes of one training step of the trainer's kind (sparse: at the nominal L0 K, no window pairs
+    counted)."""
+    if sparse:
+        return counts.step_sparse(B, D, F, K, 0, min(F, B * K))
+    return counts.step_dense(B, D, F)
+
+
 def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
     def prepare(env: Env) -> Workload:
-        s = _lm(env, size)
+        s = lm_setup(env, size)
         config = s.model.config
         if impl == "bare":
             ids, mask = _random_rows(s, ROWS, env.device)
@@ -307,11 +317,7 @@ def _prepare(size: str, impl: str) -> Callable[[Env], Workload]:
         feed.step()  # the first batch: initialisation and the first step, before the timed segment
         D = config.get_text_config().hidden_size
         sparse = feed.trainer.sparse_step
-        if sparse:  # nominal L0, no window pairs counted
-            touched = min(s.d_sae, s.batch * s.target_l0)
-            step_flops, step_bytes = counts.step_sparse(s.batch, D, s.d_sae, s.target_l0, 0, touched)
-        else:
-            step_flops, step_bytes = counts.step_dense(s.batch, D, s.d_sae)
+        step_flops, step_bytes = step_counts(sparse, s.batch, D, s.d_sae, s.target_l0)
         return Workload(
             lambda: [feed.step() for _ in range(n)],
             flops + n * step_flops,

@@ -11,7 +11,7 @@ import importlib
 from bench import registry
 from bench.registry import Case
 
-FAMILIES = ("step", "kernels", "gemm", "harvest")
+FAMILIES = ("step", "kernels", "gemm", "harvest", "sweep")
 """The case families, in the order their cases are listed: bench/cases_<family>.py, each with a function
 `cases() -> list[Case]`. Adding a family is adding its name here."""
 

@@ -30,6 +30,7 @@ class Workload(NamedTuple):
     extra: dict[str, Any] | None = None  # figures for the JSON (mean L0, reruns, ...)
     wall_clock: bool = False  # work on other streams or threads (the harvester): time with a device-wide sync
     cleanup: Callable[[], None] | None = None  # called after timing (stops background threads)
+    derived: Callable[[dict[str, Any]], dict[str, Any]] | None = None  # more figures from the timed record
 
 
 @dataclass

@@ -66,6 +66,7 @@ MODULES = (
     "bench.cases_kernels",
     "bench.cases_gemm",
     "bench.cases_harvest",
+    "bench.cases_sweep",
     "bench.static",
     "bench.summary",
     "kernels.sae_step",

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from bench.checks import Check
     from bench.env import Env
 
-OP_ORDER = ("harvest", "step", "encode", "threshold-grad", "decode")
+OP_ORDER = ("harvest", "sweep", "step", "encode", "threshold-grad", "decode")
 IMPL_ORDER = (
     "triton",
     "reference",
@@ -87,13 +87,14 @@ class Case:
         return f"{self.op}/{self.size}/{self.impl}"
 
     def order(self) -> tuple[bool, int, int, int, str]:
-        """The harvester first (a bounded minute on a GPU), then size by size (shared inputs are built once
-        per size), so that a --max-minutes budget cuts the widest SAEs last."""
+        """The harvester and the sweep over it first (a bounded minute on a GPU; they share the language model
+        of a size), then size by size (shared inputs are built once per size), so that a --max-minutes budget cuts
+        the widest SAEs last."""
 
         def rank(seq: tuple[str, ...], item: str) -> int:
             return seq.index(item) if item in seq else len(seq)
 
-        sae = self.op != "harvest"
+        sae = self.op not in ("harvest", "sweep")
         sizes = tuple(SAE_SIZES) if sae else HARVEST_SIZES
         return sae, rank(sizes, self.size), rank(OP_ORDER, self.op), rank(IMPL_ORDER, self.impl), self.name
 

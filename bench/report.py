@@ -28,7 +28,7 @@ NOTES = [
     ),
     (
         "x ref, x comp: tokens/s over the reference's and torch.compile's (same op and size; a -bf16 case over "
-        "reference-bf16's and compile-bf16's); harvest: over the bare truncated forward"
+        "reference-bf16's and compile-bf16's); harvest, sweep: over the bare truncated forward"
     ),
     (
         "peak GiB: device memory the case allocated beyond the inputs shared by the cases of its size "

@@ -126,6 +126,8 @@ def _time(case: Case, env: Env) -> dict[str, Any]:
         "timed_with": "wall clock" if work.wall_clock or not cuda else "CUDA events",
         **(work.extra or {}),
     }
+    if work.derived is not None:  # figures that need the measured time (a sweep's projected hours)
+        out.update(work.derived(out))
     if env.roofline is not None:
         floor, bound = env.roofline.floor_s(work.flops, work.nbytes, work.dtype)
         out.update(floor_s=floor, bound=bound, roofline_fraction=floor / t.median_s)

@@ -12,8 +12,9 @@ import dataclasses
 import itertools
 import json
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
@@ -22,6 +23,9 @@ from sae.config_cli import value_parser
 from sae.errors import ConfigError
 from sae.fanout import Fanout
 from sae.health import TrainingHealthError
+
+if TYPE_CHECKING:
+    from sae.trainer import StepStats
 
 SWEEP_FILE = "sweep.json"
 _SWEEPABLE_SECTIONS = ("sae", "objective", "optim")
@@ -85,13 +89,26 @@ def members(base: TrainConfig, grid: dict[str, list]) -> list[tuple[str, TrainCo
 
 
 class Sweep:
-    def __init__(self, base: TrainConfig, grid: dict[str, list], resume: bool = False, progress: bool = True):
+    def __init__(
+        self,
+        base: TrainConfig,
+        grid: dict[str, list],
+        resume: bool = False,
+        progress: bool = True,
+        lm: tuple | None = None,
+        rows=None,
+        write: bool = True,
+    ):
+        """lm, rows: an already loaded (model, tokenizer) and a token-row source, passed to the `Harvester` (the
+        bench's random-weight model and random token rows); None loads base.model and reads base.data.
+        write: False keeps no sweep.json and no member run folders (the bench: nothing written, nothing saved).
+        """
         from harvest import Harvester
         from harvest.lm import resolve_device
         from sae.trainer import Trainer
 
         self.base, self.grid, self.progress = base, grid, progress
-        self.out_dir = Path(base.run.out_dir)
+        self.out_dir, self.write = Path(base.run.out_dir), write
         self.members = members(base, grid)
         layers = list(dict.fromkeys(cfg.model.layer for _, cfg in self.members))
         device = resolve_device(base.run.device)
@@ -103,6 +120,8 @@ class Sweep:
             device=str(device),
             layers=layers,
             progress=progress,
+            lm=lm,
+            rows=rows,
         )
         self.fanout = fanout = Fanout(self.harvester, len(self.members))
         self.stopped: dict[str, str] = self._stopped_before() if resume else {}
@@ -122,6 +141,7 @@ class Sweep:
                     metadata=self.harvester.metadata(cfg.model.layer),
                     resume=cfg.run.out_dir if resume else None,
                     progress=False,
+                    write=write,
                 )
             )
         steps = {t.step for t in self.trainers if t is not None}
@@ -132,6 +152,7 @@ class Sweep:
             )
         if not steps:
             raise ConfigError(f"every member of the sweep in {self.out_dir} had stopped; see its {SWEEP_FILE}")
+        self.active = [k for k, (name, _) in enumerate(self.members) if name not in self.stopped]
         self._write_spec()
 
     def _stopped_before(self) -> dict[str, str]:
@@ -155,8 +176,7 @@ class Sweep:
         the same batches (a resumed sweep leaves it out). Only when every member has stopped does the sweep
         raise.
         """
-        trainers = self.trainers
-        active = [k for k, (name, _) in enumerate(self.members) if name not in self.stopped]
+        trainers, active = self.trainers, self.active
         bar = tqdm(
             total=self.base.run.steps,
             initial=trainers[active[0]].step,
@@ -166,17 +186,7 @@ class Sweep:
         )
         try:
             while not trainers[active[0]].done:
-                stats = {}
-                for k in list(active):
-                    try:
-                        stats[k] = trainers[k].fit_step()
-                    except TrainingHealthError as err:
-                        active.remove(k)
-                        bar.write(self._stop_member(k, err))
-                    for text in trainers[k].pop_alerts():
-                        bar.write(f"{self.members[k][0]}: {text}")
-                if not active:
-                    raise TrainingHealthError(f"every member of the sweep stopped; see {self.out_dir / SWEEP_FILE}")
+                stats = self.step(bar.write)
                 lead = trainers[active[0]]
                 if lead.step % self.base.run.log_every == 0 or lead.done:
                     tokens_per_s = lead.last_logged.get("tokens_per_s_run", 0.0)
@@ -201,6 +211,25 @@ class Sweep:
             self.harvester.close()
         return [None if t is None else t.summary() for t in trainers]
 
+    def step(self, say: Callable[[str], None] = print) -> dict[int, StepStats | None]:
+        """One `Trainer.fit_step` of every active member, all on the same batch: {member index: its StepStats}.
+
+        A member that raises `TrainingHealthError` leaves `self.active` (its reason is passed to `say`, with
+        the members' alerts); raises `TrainingHealthError` when none is left.
+        """
+        stats = {}
+        for k in list(self.active):
+            try:
+                stats[k] = self.trainers[k].fit_step()
+            except TrainingHealthError as err:
+                self.active.remove(k)
+                say(self._stop_member(k, err))
+            for text in self.trainers[k].pop_alerts():
+                say(f"{self.members[k][0]}: {text}")
+        if not self.active:
+            raise TrainingHealthError(f"every member of the sweep stopped; see {self.out_dir / SWEEP_FILE}")
+        return stats
+
     def _stop_member(self, k: int, err: TrainingHealthError) -> str:
         name = self.members[k][0]
         self.fanout.detach(k)
@@ -209,6 +238,8 @@ class Sweep:
         return f"member {name} stopped; the others go on. {err}"
 
     def _write_spec(self) -> None:
+        if not self.write:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / SWEEP_FILE).write_text(
             json.dumps(

@@ -269,3 +269,40 @@ def test_the_precision_rule_is_condition_aware():
     failed = {f.split(":")[0] for f in cmp.result().failures}
     assert failed == {"plain", "too far", "nan", "wrong magnitude"}
     assert cmp.errors["condition-aware"]["error"] <= cmp.errors["condition-aware"]["allowed"]
+
+
+def test_the_sweep_cases_are_listed_with_their_bare_baseline():
+    """The Salmon grid on CUDA only, the tiny sweep in the CPU and --quick selections; each speed-up is over the
+    bare forward of its own size, listed under the sweep op (speed-ups are computed within one op and size)."""
+    cases = {c.name: c for c in catalog.all_cases()}
+    paper = cases["sweep/gemma2-2b/harvester+12saes"]
+    assert paper.profiles == {"cuda"} and paper.baselines == ("bare", None)
+    assert cases["sweep/gemma2-2b/bare"].profiles == {"cuda"}
+    for profile in ("cpu", "quick"):
+        chosen = [c.name for c in catalog.select(None, profile) if c.op == "sweep"]
+        assert chosen == ["sweep/tiny/bare", "sweep/tiny/harvester+4saes"]
+
+
+def _sweep_env() -> Env:
+    device = torch.device("cpu")
+    return Env(device, True, "unavailable", "the sweep's trainers use the reference backend", Timer(device))
+
+
+def test_the_tiny_sweep_case_checks_every_member_and_catches_one_target_for_all(monkeypatch):
+    """The check of `sweep/tiny/harvester+4saes` passes on the real Sweep, and fails when every member's objective
+    is built with one target instead of its own."""
+    case = {c.name: c for c in catalog.all_cases()}["sweep/tiny/harvester+4saes"]
+    env = _sweep_env()
+    check = case.check(env)
+    assert check.ok, check.failures
+    assert check.shape == "4 members, 8 steps of 256 tokens"
+    assert len(check.errors) == 4 + 2 * 2  # own sparsity term per member; first L0 and MSE per second member
+
+    import sae.trainer
+
+    real = sae.trainer.Objective
+    monkeypatch.setattr(sae.trainer, "Objective", lambda kind, coef, target, tilt: real(kind, coef, 16.0, tilt))
+    check = case.check(env)
+    assert not check.ok
+    failed = " | ".join(check.failures)
+    assert "first sparsity term vs its own target's" in failed and "mean threshold of the lowest target" in failed
