@@ -87,7 +87,8 @@ def _jumprelu_encode_kernel(
 
     b_z = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
+        # int64 before any stride: o_d * F reaches D * F, past 2^31 at F = 2^20 from d = 2048.
+        o_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         m_d = o_d < D
         # Masked lanes load 0 on both sides, so (x - b_dec) is 0 there and adds nothing to the product.
         b_x = tl.load(p_x + o_b[:, None] * D + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0)
