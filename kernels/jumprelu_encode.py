@@ -103,24 +103,27 @@ def _jumprelu_encode_kernel(
     m_act = m_valid & (b_z > b_theta[None, :])
     b_u = (b_z - b_theta[None, :]) / eps  # same expression as the reference's rectangle kernel
     m_win = m_valid & (b_u > -0.5) & (b_u < 0.5)
-    b_lat = tl.broadcast_to(o_f.to(tl.int32)[None, :], [BLOCK_B, BLOCK_F])
+    b_fire = tl.sum(m_act.to(tl.int32), axis=0)
+    tl.atomic_add(p_fire + o_f, b_fire, mask=m_f & (b_fire > 0), sem="relaxed")
 
-    # Active pairs: reserve this tile's slots in each row with one atomic, place them by cumsum.
-    b_act = m_act.to(tl.int32)
-    b_nact = tl.sum(b_act, axis=1)
+    # Both lists' per-row positions from one cumsum: an active pair adds 1, a window pair 2^16 (a row holds at
+    # most BLOCK_F <= 2^15 of either in a tile, so the halves never carry into each other).
+    tl.static_assert(BLOCK_F < 32768)
+    b_one = tl.where(m_act, 1, 0) + tl.where(m_win, 65536, 0)
+    b_pos = tl.cumsum(b_one, axis=1)
+    b_n = tl.sum(b_one, axis=1)
+    b_nact = b_n & 65535
+    b_nwin = b_n >> 16
     b_base = tl.atomic_add(p_cnt + o_b, b_nact, mask=m_b & (b_nact > 0), sem="relaxed")
-    b_slot = b_base[:, None] + tl.cumsum(b_act, axis=1) - 1
+    b_wbase = tl.atomic_add(p_wcnt + o_b, b_nwin, mask=m_b & (b_nwin > 0), sem="relaxed")
+    b_lat = o_f.to(tl.int32)[None, :]
+    # Active pairs: this tile's slots in each row were reserved by the atomic; place them by the cumsum.
+    b_slot = b_base[:, None] + (b_pos & 65535) - 1
     m_put = m_act & (b_slot < CAP)
     tl.store(p_idx + o_b[:, None] * CAP + b_slot, b_lat, mask=m_put)
     tl.store(p_val + o_b[:, None] * CAP + b_slot, b_z, mask=m_put)
-    b_fire = tl.sum(b_act, axis=0)
-    tl.atomic_add(p_fire + o_f, b_fire, mask=m_f & (b_fire > 0), sem="relaxed")
-
     # Window pairs, the same way.
-    b_inw = m_win.to(tl.int32)
-    b_nwin = tl.sum(b_inw, axis=1)
-    b_wbase = tl.atomic_add(p_wcnt + o_b, b_nwin, mask=m_b & (b_nwin > 0), sem="relaxed")
-    b_wslot = b_wbase[:, None] + tl.cumsum(b_inw, axis=1) - 1
+    b_wslot = b_wbase[:, None] + (b_pos >> 16) - 1
     tl.store(p_win + o_b[:, None] * WCAP + b_wslot, b_lat, mask=m_win & (b_wslot < WCAP))
 
 
