@@ -9,7 +9,7 @@ program computes one [BLOCK_B, BLOCK_F] tile of z on chip and writes only:
     fire_counts [F] int32                          per-latent number of rows where the latent fired
 
 A tile appends a row's segment with one atomic per (tile, row) that reserves its slots, then places pairs
-by a cumulative sum inside the tile. Counters always hold the true count, so a row that overflows the
+by a prefix sum inside the tile. Counters always hold the true count, so a row that overflows the
 capacity is detected and the launcher re-runs once with the exact capacity: nothing is truncated.
 The window's z is not stored: the rectangle kernel is constant inside the window, so the threshold
 gradient needs only which pairs are there.
@@ -106,24 +106,33 @@ def _jumprelu_encode_kernel(
     b_fire = tl.sum(m_act.to(tl.int32), axis=0)
     tl.atomic_add(p_fire + o_f, b_fire, mask=m_f & (b_fire > 0), sem="relaxed")
 
-    # Both lists' per-row positions from one cumsum: an active pair adds 1, a window pair 2^16 (a row holds at
-    # most BLOCK_F <= 2^15 of either in a tile, so the halves never carry into each other).
-    tl.static_assert(BLOCK_F < 32768)
-    b_one = tl.where(m_act, 1, 0) + tl.where(m_win, 65536, 0)
-    b_pos = tl.cumsum(b_one, axis=1)
+    # Both lists' per-row positions from one inclusive prefix sum: an active pair adds 1, a window pair 512; a
+    # row holds at most BLOCK_F < 512 pairs of either kind in a tile, so the two counts never carry.
+    tl.static_assert(BLOCK_F < 512)
+    b_one = tl.where(m_act, 1, 0) + tl.where(m_win, 512, 0)
+    if OP_DTYPE == tl.float32:
+        b_pos = tl.cumsum(b_one, axis=1)
+    else:
+        # With tensor cores, as a product with an upper-triangular matrix of ones: the sum stays in the
+        # accumulator's layout beside b_z, where a tl.cumsum spilled 0.3-1.2 KB per thread more at the same tiles
+        # (docs/performance.md section 3; with fp32 operands the cumsum spills less). The addends (0, 1, 512, 513)
+        # are exact in fp16 and every partial sum (<= 513 * BLOCK_F) exact in fp32.
+        o_c = tl.arange(0, BLOCK_F)
+        b_tri = tl.where(o_c[:, None] <= o_c[None, :], 1.0, 0.0).to(tl.float16)
+        b_pos = tl.dot(b_one.to(tl.float16), b_tri, out_dtype=tl.float32).to(tl.int32)
     b_n = tl.sum(b_one, axis=1)
-    b_nact = b_n & 65535
-    b_nwin = b_n >> 16
+    b_nact = b_n & 511
+    b_nwin = b_n >> 9
     b_base = tl.atomic_add(p_cnt + o_b, b_nact, mask=m_b & (b_nact > 0), sem="relaxed")
     b_wbase = tl.atomic_add(p_wcnt + o_b, b_nwin, mask=m_b & (b_nwin > 0), sem="relaxed")
     b_lat = o_f.to(tl.int32)[None, :]
-    # Active pairs: this tile's slots in each row were reserved by the atomic; place them by the cumsum.
-    b_slot = b_base[:, None] + (b_pos & 65535) - 1
+    # Active pairs: this tile's slots in each row were reserved by the atomic; place them by the prefix sum.
+    b_slot = b_base[:, None] + (b_pos & 511) - 1
     m_put = m_act & (b_slot < CAP)
     tl.store(p_idx + o_b[:, None] * CAP + b_slot, b_lat, mask=m_put)
     tl.store(p_val + o_b[:, None] * CAP + b_slot, b_z, mask=m_put)
     # Window pairs, the same way.
-    b_wslot = b_wbase[:, None] + (b_pos >> 16) - 1
+    b_wslot = b_wbase[:, None] + (b_pos >> 9) - 1
     tl.store(p_win + o_b[:, None] * WCAP + b_wslot, b_lat, mask=m_win & (b_wslot < WCAP))
 
 
@@ -166,7 +175,7 @@ def jumprelu_encode(
     Args:
         capacity, window_capacity: slots per row to try first (default min(F, 128)); a row with more pairs
             makes the encode run again with exactly enough slots, reported as `reruns`.
-        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot).
+        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot), BLOCK_F <= 256.
     Inputs must be contiguous and already checked by `kernels.validate.check_sae_inputs`; theta > 0 is
     checked here, read back with the counts (ValueError otherwise).
     """
