@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import launch
+from kernels import launch, tiles
 from kernels.validate import bad_threshold_count, check_threshold_values
 
 
@@ -136,9 +136,9 @@ def _jumprelu_encode_kernel(
     tl.store(p_win + o_b[:, None] * WCAP + b_wslot, b_lat, mask=m_win & (b_wslot < WCAP))
 
 
-def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
+def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, tile: tiles.Tile):
     (B, D), F = x.shape, W_enc.shape[1]
-    block_b, block_f, block_d = blocks
+    block_b, block_f, block_d = tile.blocks
     dev = x.device
     idx = launch.empty((B, cap), torch.int32, dev)
     val = launch.empty((B, cap), torch.float32, dev)
@@ -154,7 +154,7 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
         p_idx=idx, p_val=val, p_cnt=cnt, p_win=win, p_wcnt=wcnt, p_fire=fire,
         B=B, D=D, F=F, CAP=cap, WCAP=wcap, eps=float(bandwidth),
         OP_DTYPE=op, DOT_DTYPE=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-        BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d,
+        BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return idx, val, cnt, win, wcnt, fire
 
@@ -168,14 +168,15 @@ def jumprelu_encode(
     bandwidth: float,
     capacity: int | None = None,
     window_capacity: int | None = None,
-    blocks: tuple[int, int, int] = (64, 128, 64),
+    blocks: tuple[int, int, int] | tiles.Tile | None = None,
 ) -> SparseCode:
     """Active set and STE-window pairs of every row of x [B, D], never materialising [B, F].
 
     Args:
         capacity, window_capacity: slots per row to try first (default min(F, 128)); a row with more pairs
             makes the encode run again with exactly enough slots, reported as `reruns`.
-        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot), BLOCK_F <= 256.
+        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot), BLOCK_F <= 256, or a `tiles.Tile`;
+            default `kernels.tiles.encode_tile` of the operand dtype.
     Inputs must be contiguous and already checked by `kernels.validate.check_sae_inputs`; theta > 0 is
     checked here, read back with the counts (ValueError otherwise).
     """
@@ -183,9 +184,10 @@ def jumprelu_encode(
     F = W_enc.shape[1]
     cap = max(1, min(F, 128) if capacity is None else capacity)
     wcap = max(1, min(F, 128) if window_capacity is None else window_capacity)
+    tile = tiles.as_tile(blocks, tiles.encode_tile(launch.operand_dtype(x, W_enc)))
     bad = bad_threshold_count(threshold)
     for reruns in range(2):
-        idx, val, cnt, win, wcnt, fire = _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks)
+        idx, val, cnt, win, wcnt, fire = _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, tile)
         read = [bad] + ([cnt.max().long(), wcnt.max().long()] if cnt.numel() else [])
         n_bad, need, wneed = (torch.stack(read).tolist() + [0, 0])[:3]  # one synchronisation
         check_threshold_values(threshold, n_bad)
