@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
-NUM_STAGES = 3  # Triton's default on CUDA, which the launchers use (they pass no num_stages)
+NUM_STAGES = 3  # every row of kernels/tiles.py (Triton's default on CUDA)
 
 
 class Config(NamedTuple):
@@ -45,7 +45,7 @@ class Config(NamedTuple):
     pointers: dict[str, str]  # by parameter name; the others default to *fp32 (p_*), i32 or fp32 (eps)
     constexprs: dict[str, Any]  # "tl.bfloat16" / "tl.float32" strings stand for those dtypes
     num_warps: int = 4
-    production: bool = True  # the tile the library launches (kernels/sae_step.py `Blocks`, the launchers' defaults)
+    production: bool = True  # the tile the library launches (kernels/tiles.py)
 
 
 class Resources(NamedTuple):
@@ -63,11 +63,13 @@ ENCODE_TILES = [
     (128, 128, 64, 8),
     (128, 256, 64, 8),
 ]
-"""(BLOCK_B, BLOCK_F, BLOCK_D, num_warps) of the encode: the default first, then those GPU_NOTES.md compares."""
+"""(BLOCK_B, BLOCK_F, BLOCK_D, num_warps) of the encode to choose from; kernels/tiles.py holds the one launched."""
 
 
 def configs() -> list[Config]:
     """The production builds of every kernel in both operand settings, and the encode's candidate tiles."""
+    from kernels import tiles
+
     counters = {k: "*i32" for k in ("p_idx", "p_cnt", "p_win", "p_wcnt", "p_fire")}
     pairs = {k: "*i64" for k in ("p_lat", "p_orow", "p_start", "p_rows", "p_slots")}
     out = []
@@ -75,8 +77,9 @@ def configs() -> list[Config]:
         ("bf16+fp32", "*bf16", "tl.bfloat16", "tf32"),
         ("fp32", "*fp32", "tl.float32", "ieee"),
     ):
-        tiles = ENCODE_TILES if ops == "bf16+fp32" else ENCODE_TILES[:1]
-        for i, (bb, bf, bd, warps) in enumerate(tiles):
+        chosen = tiles.ENCODE["16-bit" if ops == "bf16+fp32" else "fp32"]
+        candidates = ENCODE_TILES if ops == "bf16+fp32" else [(*chosen.blocks, chosen.num_warps)]
+        for bb, bf, bd, warps in candidates:
             out.append(
                 Config(
                     f"encode/{ops}/{bb}x{bf}x{bd}-w{warps}s{NUM_STAGES}",
@@ -92,7 +95,7 @@ def configs() -> list[Config]:
                         "BLOCK_D": bd,
                     },
                     warps,
-                    production=i == 0,
+                    production=((bb, bf, bd), warps) == (chosen.blocks, chosen.num_warps),
                 )
             )
         rows = {"p_idx": "*i64", "p_cnt": "*i32", "p_w": x}

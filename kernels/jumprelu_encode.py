@@ -9,7 +9,7 @@ program computes one [BLOCK_B, BLOCK_F] tile of z on chip and writes only:
     fire_counts [F] int32                          per-latent number of rows where the latent fired
 
 A tile appends a row's segment with one atomic per (tile, row) that reserves its slots, then places pairs
-by a cumulative sum inside the tile. Counters always hold the true count, so a row that overflows the
+by a prefix sum inside the tile. Counters always hold the true count, so a row that overflows the
 capacity is detected and the launcher re-runs once with the exact capacity: nothing is truncated.
 The window's z is not stored: the rectangle kernel is constant inside the window, so the threshold
 gradient needs only which pairs are there.
@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import launch
+from kernels import launch, tiles
 from kernels.validate import bad_threshold_count, check_threshold_values
 
 
@@ -87,7 +87,8 @@ def _jumprelu_encode_kernel(
 
     b_z = tl.zeros([BLOCK_B, BLOCK_F], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        o_d = d0 + tl.arange(0, BLOCK_D)
+        # int64 before any stride: o_d * F reaches D * F, past 2^31 at F = 2^20 from d = 2048.
+        o_d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         m_d = o_d < D
         # Masked lanes load 0 on both sides, so (x - b_dec) is 0 there and adds nothing to the product.
         b_x = tl.load(p_x + o_b[:, None] * D + o_d[None, :], mask=m_b[:, None] & m_d[None, :], other=0)
@@ -102,30 +103,42 @@ def _jumprelu_encode_kernel(
     m_act = m_valid & (b_z > b_theta[None, :])
     b_u = (b_z - b_theta[None, :]) / eps  # same expression as the reference's rectangle kernel
     m_win = m_valid & (b_u > -0.5) & (b_u < 0.5)
-    b_lat = tl.broadcast_to(o_f.to(tl.int32)[None, :], [BLOCK_B, BLOCK_F])
+    b_fire = tl.sum(m_act.to(tl.int32), axis=0)
+    tl.atomic_add(p_fire + o_f, b_fire, mask=m_f & (b_fire > 0), sem="relaxed")
 
-    # Active pairs: reserve this tile's slots in each row with one atomic, place them by cumsum.
-    b_act = m_act.to(tl.int32)
-    b_nact = tl.sum(b_act, axis=1)
+    # Both lists' per-row positions from one inclusive prefix sum: an active pair adds 1, a window pair 512; a
+    # row holds at most BLOCK_F < 512 pairs of either kind in a tile, so the two counts never carry.
+    tl.static_assert(BLOCK_F < 512)
+    b_one = tl.where(m_act, 1, 0) + tl.where(m_win, 512, 0)
+    if OP_DTYPE == tl.float32:
+        b_pos = tl.cumsum(b_one, axis=1)
+    else:
+        # With tensor cores, as a product with an upper-triangular matrix of ones: the sum stays in the
+        # accumulator's layout beside b_z, where a tl.cumsum spilled 0.3-1.2 KB per thread more at the same tiles
+        # (docs/performance.md section 3; with fp32 operands the cumsum spills less). The addends (0, 1, 512, 513)
+        # are exact in fp16 and every partial sum (<= 513 * BLOCK_F) exact in fp32.
+        o_c = tl.arange(0, BLOCK_F)
+        b_tri = tl.where(o_c[:, None] <= o_c[None, :], 1.0, 0.0).to(tl.float16)
+        b_pos = tl.dot(b_one.to(tl.float16), b_tri, out_dtype=tl.float32).to(tl.int32)
+    b_n = tl.sum(b_one, axis=1)
+    b_nact = b_n & 511
+    b_nwin = b_n >> 9
     b_base = tl.atomic_add(p_cnt + o_b, b_nact, mask=m_b & (b_nact > 0), sem="relaxed")
-    b_slot = b_base[:, None] + tl.cumsum(b_act, axis=1) - 1
+    b_wbase = tl.atomic_add(p_wcnt + o_b, b_nwin, mask=m_b & (b_nwin > 0), sem="relaxed")
+    b_lat = o_f.to(tl.int32)[None, :]
+    # Active pairs: this tile's slots in each row were reserved by the atomic; place them by the prefix sum.
+    b_slot = b_base[:, None] + (b_pos & 511) - 1
     m_put = m_act & (b_slot < CAP)
     tl.store(p_idx + o_b[:, None] * CAP + b_slot, b_lat, mask=m_put)
     tl.store(p_val + o_b[:, None] * CAP + b_slot, b_z, mask=m_put)
-    b_fire = tl.sum(b_act, axis=0)
-    tl.atomic_add(p_fire + o_f, b_fire, mask=m_f & (b_fire > 0), sem="relaxed")
-
     # Window pairs, the same way.
-    b_inw = m_win.to(tl.int32)
-    b_nwin = tl.sum(b_inw, axis=1)
-    b_wbase = tl.atomic_add(p_wcnt + o_b, b_nwin, mask=m_b & (b_nwin > 0), sem="relaxed")
-    b_wslot = b_wbase[:, None] + tl.cumsum(b_inw, axis=1) - 1
+    b_wslot = b_wbase[:, None] + (b_pos >> 9) - 1
     tl.store(p_win + o_b[:, None] * WCAP + b_wslot, b_lat, mask=m_win & (b_wslot < WCAP))
 
 
-def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
+def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, tile: tiles.Tile):
     (B, D), F = x.shape, W_enc.shape[1]
-    block_b, block_f, block_d = blocks
+    block_b, block_f, block_d = tile.blocks
     dev = x.device
     idx = launch.empty((B, cap), torch.int32, dev)
     val = launch.empty((B, cap), torch.float32, dev)
@@ -141,7 +154,7 @@ def _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks):
         p_idx=idx, p_val=val, p_cnt=cnt, p_win=win, p_wcnt=wcnt, p_fire=fire,
         B=B, D=D, F=F, CAP=cap, WCAP=wcap, eps=float(bandwidth),
         OP_DTYPE=op, DOT_DTYPE=dot, PRECISION="ieee" if dot == tl.float32 else "tf32",
-        BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d,
+        BLOCK_B=block_b, BLOCK_F=block_f, BLOCK_D=block_d, num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return idx, val, cnt, win, wcnt, fire
 
@@ -155,14 +168,15 @@ def jumprelu_encode(
     bandwidth: float,
     capacity: int | None = None,
     window_capacity: int | None = None,
-    blocks: tuple[int, int, int] = (64, 128, 64),
+    blocks: tuple[int, int, int] | tiles.Tile | None = None,
 ) -> SparseCode:
     """Active set and STE-window pairs of every row of x [B, D], never materialising [B, F].
 
     Args:
         capacity, window_capacity: slots per row to try first (default min(F, 128)); a row with more pairs
             makes the encode run again with exactly enough slots, reported as `reruns`.
-        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot).
+        blocks: (BLOCK_B, BLOCK_F, BLOCK_D), powers of two (>= 16 for tl.dot), BLOCK_F <= 256, or a `tiles.Tile`;
+            default `kernels.tiles.encode_tile` of the operand dtype.
     Inputs must be contiguous and already checked by `kernels.validate.check_sae_inputs`; theta > 0 is
     checked here, read back with the counts (ValueError otherwise).
     """
@@ -170,9 +184,10 @@ def jumprelu_encode(
     F = W_enc.shape[1]
     cap = max(1, min(F, 128) if capacity is None else capacity)
     wcap = max(1, min(F, 128) if window_capacity is None else window_capacity)
+    tile = tiles.as_tile(blocks, tiles.encode_tile(launch.operand_dtype(x, W_enc)))
     bad = bad_threshold_count(threshold)
     for reruns in range(2):
-        idx, val, cnt, win, wcnt, fire = _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, blocks)
+        idx, val, cnt, win, wcnt, fire = _launch(x, W_enc, b_enc, b_dec, threshold, bandwidth, cap, wcap, tile)
         read = [bad] + ([cnt.max().long(), wcnt.max().long()] if cnt.numel() else [])
         n_bad, need, wneed = (torch.stack(read).tolist() + [0, 0])[:3]  # one synchronisation
         check_threshold_values(threshold, n_bad)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import launch
+from kernels import launch, tiles
 
 
 class LatentMajor(NamedTuple):
@@ -134,7 +134,7 @@ def latent_grads(
     W_dec_shape: torch.Size,
     dtype: torch.dtype,
     encoder: EncoderPairs | None = None,
-    blocks: tuple[int, int] = (32, 128),
+    blocks: tuple[int, int] | tiles.Tile | None = None,
     out_rows: Tensor | None = None,
 ) -> WeightGrads:
     """Decoder (and, given `encoder`, encoder) weight gradients from the latent-major pairs.
@@ -147,7 +147,8 @@ def latent_grads(
     enc = encoder
     launch.check_kernel_tensors(f=f, g=g, **({} if enc is None else {"dz": enc.dz, "x": enc.x, "b_dec": enc.b_dec}))
     F, D = W_dec_shape
-    block_p, block_d = blocks
+    tile = tiles.as_tile(blocks, tiles.PAIRS)
+    block_p, block_d = tile.blocks
     dev = g.device
     d_W_dec = torch.zeros((F, D), dtype=dtype, device=dev)
     d_W_enc = d_b_enc = None
@@ -171,7 +172,7 @@ def latent_grads(
             p_lat=out_rows, p_start=pairs.starts, p_rows=pairs.rows, p_slots=pairs.slots, p_f=f, p_g=g,
             p_dwdec=d_W_dec, **encoder_args, D=D, F=F, HAS_ENC=enc is not None,
             XC_DTYPE=launch.tl_dtype(torch.float32 if enc is None else enc.operand_dtype),
-            BLOCK_P=block_p, BLOCK_D=block_d,
+            BLOCK_P=block_p, BLOCK_D=block_d, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return WeightGrads(d_W_dec, d_W_enc, d_b_enc)
 

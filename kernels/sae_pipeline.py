@@ -44,11 +44,12 @@ from kernels.validate import check_compute_dtype, check_sae_inputs, rounds_to
 
 
 class Blocks(NamedTuple):
-    """Tile sizes (powers of two). Defaults are meant for an H100; the CPU tests pass small ones."""
+    """Tile sizes (powers of two) overriding `kernels.tiles`' table (None: the table's config, with its warps and
+    stages); the CPU tests pass small ones."""
 
-    encode: tuple[int, int, int] = (64, 128, 64)  # (rows, latents, d_in) of an encode tile
-    rows: tuple[int, int] = (32, 128)  # (slots, d_in) of a decode / gather-dot program
-    pairs: tuple[int, int] = (32, 128)  # (pairs, d_in) of a latent-major gradient program
+    encode: tuple[int, int, int] | None = None  # (rows, latents, d_in) of an encode tile
+    rows: tuple[int, int] | None = None  # (slots, d_in) of a decode / gather-dot program
+    pairs: tuple[int, int] | None = None  # (pairs, d_in) of a latent-major gradient program
 
 
 class Operands(NamedTuple):

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import launch
+from kernels import launch, tiles
 from kernels.latent_grads import latent_grads, latent_major
 
 
@@ -92,32 +92,38 @@ def decode_rows(
     W: Tensor,
     bias: Tensor | None,
     out_dtype: torch.dtype,
-    blocks: tuple[int, int] = (32, 128),
+    blocks: tuple[int, int] | tiles.Tile | None = None,
 ) -> Tensor:
     """out [B, D] = sum over k < counts[b] of values[b, k] * W[indices[b, k]] (+ bias). W may be strided."""
     launch.check_kernel_tensors(indices=indices, values=values, counts=counts)
     if W.device != indices.device:
         raise ValueError(f"W is on {W.device} but indices are on {indices.device}")
     (B, K), D = indices.shape, W.shape[1]
-    block_k, block_d = blocks
+    tile = tiles.as_tile(blocks, tiles.ROWS)
+    block_k, block_d = tile.blocks
     out = launch.empty((B, D), out_dtype, indices.device)
     _sparse_decode_kernel[(B, triton.cdiv(D, block_d))](
         p_idx=indices, p_val=values, p_cnt=counts, p_w=W, p_bias=bias if bias is not None else W, p_out=out,
         K=K, D=D, stride_wf=W.stride(0), stride_wd=W.stride(1),
         HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
     )  # fmt: skip
     return out
 
 
-def gather_dot(g: Tensor, W: Tensor, indices: Tensor, counts: Tensor, blocks: tuple[int, int] = (32, 128)) -> Tensor:
+def gather_dot(
+    g: Tensor, W: Tensor, indices: Tensor, counts: Tensor, blocks: tuple[int, int] | tiles.Tile | None = None
+) -> Tensor:
     """[B, K] fp32: g[b] . W[indices[b, k]] for the used slots k < counts[b], 0 past them."""
     launch.check_kernel_tensors(g=g, W=W, indices=indices, counts=counts)
     (B, K), D = indices.shape, W.shape[1]
-    block_k, block_d = blocks
+    tile = tiles.as_tile(blocks, tiles.ROWS)
+    block_k, block_d = tile.blocks
     out = launch.empty((B, K), torch.float32, g.device)
     _gather_dot_kernel[(B, triton.cdiv(K, block_k))](
-        p_g=g, p_w=W, p_idx=indices, p_cnt=counts, p_out=out, K=K, D=D, BLOCK_K=block_k, BLOCK_D=block_d
-    )
+        p_g=g, p_w=W, p_idx=indices, p_cnt=counts, p_out=out, K=K, D=D, BLOCK_K=block_k, BLOCK_D=block_d,
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )  # fmt: skip
     return out
 
 

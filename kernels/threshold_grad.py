@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels import launch
+from kernels import launch, tiles
 from kernels.latent_grads import LatentMajor
 
 
@@ -77,7 +77,7 @@ def threshold_grad(
     W_dec: Tensor,
     threshold: Tensor,
     bandwidth: float,
-    blocks: tuple[int, int] = (32, 128),
+    blocks: tuple[int, int] | tiles.Tile | None = None,
     out_rows: Tensor | None = None,
     num_out: int | None = None,
 ) -> Tensor:
@@ -87,7 +87,8 @@ def threshold_grad(
     entry out_rows[i] of a [num_out] result; entries no latent maps to are zero.
     """
     launch.check_kernel_tensors(g=g, g_l0=g_l0, W_dec=W_dec, threshold=threshold)
-    block_p, block_d = blocks
+    tile = tiles.as_tile(blocks, tiles.PAIRS)
+    block_p, block_d = tile.blocks
     L = window.latents.numel()
     if out_rows is None:
         out, out_rows = torch.zeros_like(threshold), window.latents
@@ -102,7 +103,7 @@ def threshold_grad(
         _threshold_grad_kernel[(L,)](
             p_lat=window.latents, p_orow=out_rows, p_start=window.starts, p_rows=window.rows, p_g=g, p_gl0=g_l0,
             p_wdec=W_dec, p_theta=threshold, p_out=out, D=W_dec.shape[1], eps=float(bandwidth),
-            BLOCK_P=block_p, BLOCK_D=block_d,
+            BLOCK_P=block_p, BLOCK_D=block_d, num_warps=tile.num_warps, num_stages=tile.num_stages,
         )  # fmt: skip
     return out
 

@@ -24,6 +24,7 @@ def compile_all() -> list[str]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    from bench.static import i32_offset_products
     from kernels import jumprelu_encode, latent_grads, sparse_decode, threshold_grad
 
     def build(fn, operands: str, pointers: dict[str, str], **constexprs) -> str:
@@ -37,7 +38,11 @@ def compile_all() -> list[str]:
             else:
                 sig[name] = "fp32" if name == "eps" else "i32"
         kernel = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32))
-        return f"{fn.__name__} ({operands[1:]} operands): {kernel.metadata.shared} B shared memory"
+        wraps = i32_offset_products(kernel.asm["ttir"])
+        return (
+            f"{fn.__name__} ({operands[1:]} operands): {kernel.metadata.shared} B shared memory, "
+            f"{wraps} i32 offset products"
+        )
 
     done = []
     counters = {k: "*i32" for k in ("p_idx", "p_cnt", "p_win", "p_wcnt", "p_fire")}
@@ -87,6 +92,9 @@ def test_every_kernel_compiles_for_sm90(tmp_path):
     run = subprocess.run([sys.executable, __file__], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("shared memory") == 18, run.stdout
+    # An index product computed in 32 bits before it reaches a pointer wraps past 2^31 elements (d_in x d_sae at
+    # 2^20 latents): every offset that can grow with B x F or D x F must be 64-bit (bench/static.py counts them).
+    assert run.stdout.count(", 0 i32 offset products") == 18, run.stdout
 
 
 if __name__ == "__main__":
