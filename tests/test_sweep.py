@@ -13,7 +13,7 @@ from sae.config import TrainConfig
 from sae.errors import ConfigError
 from sae.sweep import Sweep, members, parse_grid
 from sae.trainer import Trainer
-from tests.test_train_live import harvester, live_config, losses
+from tests.test_train_live import harvester, live_config, live_flags, losses
 
 
 def test_parse_grid_types_and_errors():
@@ -104,36 +104,7 @@ def test_sweep_resumes_as_one(tiny_model, text_file, tmp_path):
 
 def test_cli_sweep_and_resume(tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "sweep",
-        "--grid",
-        "target_l0=4,8",
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--dataset",
-        text_file,
-        "--context-size",
-        "16",
-        "--buffer-tokens",
-        "96",
-        "--batch-size",
-        "32",
-        "--d-sae",
-        "64",
-        "--init-l0",
-        "16",
-        "--steps",
-        "4",
-        "--out-dir",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    args = ["sweep", "--grid", "target_l0=4,8", *live_flags(tiny_model, text_file, steps=4, out_dir=out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "2 SAEs from one harvest" in text and "target_l0=8.0" in text

@@ -31,6 +31,26 @@ def harvester(cfg: TrainConfig) -> Harvester:
     return Harvester(cfg.model, cfg.data, cfg.buffer, batch_size=cfg.optim.batch_size, progress=False)
 
 
+def live_flags(tiny_model: str, dataset: str | None, **flags) -> list[str]:
+    """The command-line flags of a tiny live run on `tiny_model` (the sizes of `live_config`), with `flags`
+    added or replacing those (`target_l0=8` -> `--target-l0 8`; None drops a flag)."""
+    values = {
+        "model": tiny_model,
+        "layer": 2,
+        "model_device": "cpu",
+        "dataset": dataset,
+        "context_size": 16,
+        "buffer_tokens": 96,
+        "batch_size": 32,
+        "d_sae": 64,
+        "init_l0": 16,
+        "device": "cpu",
+        **flags,
+    }
+    args = [x for name, v in values.items() if v is not None for x in ("--" + name.replace("_", "-"), str(v))]
+    return [*args, "--no-progress"]
+
+
 def losses(out_dir) -> list[tuple[int, float, float]]:
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"], r["l0"]) for r in rows]
@@ -50,38 +70,7 @@ def test_live_run_interrupted_and_resumed_reproduces_the_losses(tiny_model, text
 
 def test_cli_trains_and_writes_a_loadable_checkpoint(tiny_model, text_file, tmp_path, capsys):
     out = tmp_path / "cli"
-    args = [
-        "train",
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--dataset",
-        text_file,
-        "--context-size",
-        "16",
-        "--buffer-tokens",
-        "96",
-        "--batch-size",
-        "32",
-        "--d-sae",
-        "64",
-        "--init-l0",
-        "16",
-        "--target-l0",
-        "8",
-        "--steps",
-        "6",
-        "--log-every",
-        "2",
-        "--out-dir",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    args = ["train", *live_flags(tiny_model, text_file, target_l0=8, steps=6, log_every=2, out_dir=out)]
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "checkpoint" in text and "explained variance" in text and "dead latents" in text
@@ -109,30 +98,7 @@ def test_cli_trains_and_writes_a_loadable_checkpoint(tiny_model, text_file, tmp_
     ],
 )
 def test_cli_bad_input_is_named_before_any_training(tiny_model, text_file, tmp_path, capsys, extra, message):
-    base = [
-        "train",
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--dataset",
-        text_file,
-        "--context-size",
-        "16",
-        "--batch-size",
-        "32",
-        "--buffer-tokens",
-        "96",
-        "--out-dir",
-        str(tmp_path / "r"),
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--init-l0",
-        "none",
-    ]
+    base = ["train", *live_flags(tiny_model, text_file, d_sae=None, init_l0="none", out_dir=tmp_path / "r")]
     assert main(base + extra) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r" / "checkpoints").exists()
@@ -147,31 +113,7 @@ def test_cli_refuses_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
 
 
 def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, capsys):
-    common = [
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--dataset",
-        text_file,
-        "--context-size",
-        "16",
-        "--buffer-tokens",
-        "96",
-        "--batch-size",
-        "32",
-        "--d-sae",
-        "64",
-        "--init-l0",
-        "16",
-        "--steps",
-        "4",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    common = live_flags(tiny_model, text_file, steps=4)
     for name, target in (("a", "8"), ("b", "4")):
         assert main(["train", *common, "--target-l0", target, "--out-dir", str(tmp_path / name)]) == 0
     out = tmp_path / "eval"
@@ -208,33 +150,7 @@ def test_eval_compares_saes_on_held_out_tokens(tiny_model, text_file, tmp_path, 
 
 
 def test_eval_can_include_special_tokens(tiny_model, text_file, tmp_path):
-    common = [
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--dataset",
-        text_file,
-        "--context-size",
-        "16",
-        "--buffer-tokens",
-        "96",
-        "--batch-size",
-        "32",
-        "--d-sae",
-        "64",
-        "--init-l0",
-        "16",
-        "--target-l0",
-        "8",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    common = live_flags(tiny_model, text_file, target_l0=8, steps=2)
     assert main(["train", *common, "--out-dir", str(tmp_path / "a")]) == 0
     spliced = {}
     for flag in ("--exclude-special-tokens", "--no-exclude-special-tokens"):
@@ -270,29 +186,7 @@ def test_train_and_eval_on_the_medical_qa_preset_from_a_local_mirror(tiny_model,
 
     mirror = tmp_path / "mirror"
     medical_mirror(mirror)
-    common = [
-        "--model",
-        tiny_model,
-        "--layer",
-        "2",
-        "--model-device",
-        "cpu",
-        "--context-size",
-        "16",
-        "--buffer-tokens",
-        "96",
-        "--batch-size",
-        "32",
-        "--d-sae",
-        "64",
-        "--init-l0",
-        "16",
-        "--steps",
-        "2",
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
+    common = live_flags(tiny_model, None, steps=2)
     run = tmp_path / "run"
     assert main(["train", *common, "--dataset", "medical-qa", "--data-dir", str(mirror), "--out-dir", str(run)]) == 0
     meta = json.loads((run / "checkpoints" / "step_000000002" / "cfg.json").read_text())["metadata"]
