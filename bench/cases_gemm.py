@@ -35,7 +35,7 @@ from bench.checks import FLOOR, UNIT, Check, Comparison, scaled_err
 from bench.env import Env, Workload
 from bench.registry import Case, profiles_for
 from bench.shapes import SAE_SIZES
-from bench.synthetic import SAEData, capacity_after, pre_activations
+from bench.synthetic import SAEData, capacity_after, pre_activations, slots_to_dense
 from kernels import reference as R
 
 SHORT = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -57,16 +57,6 @@ def _z16(x: Tensor, data: SAEData, low: torch.dtype, dtype: torch.dtype) -> Tens
     return z
 
 
-def _dense(idx: Tensor, n: Tensor, F: int, values: Tensor | None = None) -> Tensor:
-    """The first n[b] slots of each row of idx [R, cap] as a dense [R, F] mask (or values where given)."""
-    R_, cap = idx.shape
-    used = torch.arange(cap, device=idx.device)[None, :] < n[:, None]
-    rows = torch.arange(R_, device=idx.device)[:, None].expand(R_, cap)[used]
-    out = torch.zeros(R_, F, dtype=torch.bool if values is None else values.dtype, device=idx.device)
-    out[rows, idx[used].long()] = True if values is None else values[used]
-    return out
-
-
 def _encode(x: Tensor, W: Tensor, data: SAEData, capacity: int | None = None, window: int | None = None):
     from kernels.jumprelu_encode import jumprelu_encode
 
@@ -85,10 +75,10 @@ def _check_triton(size: str, low: torch.dtype) -> Callable[[Env], Check]:
             ref32 = R.encode(x, data.W_enc, data.b_enc, data.b_dec, data.threshold, eps, compute_dtype=low)
         u = (z64 - theta64) / eps
         cmp = Comparison(f"B={R_} D={data.shape.D} F={F}, {SHORT[low]} operands")
-        cmp.exact("active set", _dense(got.indices, got.counts, F), acts64 > 0)
+        cmp.exact("active set", slots_to_dense(got.indices, got.counts, F), acts64 > 0)
         cmp.exact("l0", got.counts.long(), R.step(z64, theta64, eps).sum(-1).long())
-        cmp.rule("values", _dense(got.indices, got.counts, F, got.values), ref32.acts, acts64)
-        cmp.exact("window pairs", _dense(got.window, got.window_counts, F), (u > -0.5) & (u < 0.5))
+        cmp.rule("values", slots_to_dense(got.indices, got.counts, F, got.values), ref32.acts, acts64)
+        cmp.exact("window pairs", slots_to_dense(got.window, got.window_counts, F), (u > -0.5) & (u < 0.5))
         cmp.exact("fire counts", got.fire_counts.long(), (acts64 > 0).sum(0))
         return cmp.result()
 

@@ -21,7 +21,7 @@ from bench.checks import Check, Comparison
 from bench.env import Env, Workload
 from bench.registry import Case, profiles_for
 from bench.shapes import SAE_SIZES
-from bench.synthetic import SAEData, all_pre_activations, capacity_after
+from bench.synthetic import SAEData, all_pre_activations, capacity_after, slots_to_dense
 from kernels import reference as R
 
 IMPLS = ("triton", "reference", "compile")
@@ -70,15 +70,6 @@ class EncodeView(NamedTuple):
     fire_counts: Tensor | None  # [F] int64 (the fused encode only)
 
 
-def _scatter(idx: Tensor, counts_: Tensor, F: int, values: Tensor | None = None) -> Tensor:
-    R, cap = idx.shape
-    used = torch.arange(cap, device=idx.device)[None, :] < counts_[:, None]
-    rows = torch.arange(R, device=idx.device)[:, None].expand(R, cap)[used]
-    out = torch.zeros(R, F, dtype=torch.bool if values is None else values.dtype, device=idx.device)
-    out[rows, idx[used].long()] = True if values is None else values[used]
-    return out
-
-
 def _encode_fn(impl: str) -> Callable:
     """The implementation as (x, params, eps) -> its own result (a SparseCode or an Encoded)."""
     if impl == "triton":
@@ -101,12 +92,12 @@ def _encode_fn(impl: str) -> Callable:
 
 def _encode_view(impl: str, out, F: int) -> EncodeView:
     if impl == "triton":
-        active = _scatter(out.indices, out.counts, F)
+        active = slots_to_dense(out.indices, out.counts, F)
         return EncodeView(
             active,
-            _scatter(out.indices, out.counts, F, out.values),
+            slots_to_dense(out.indices, out.counts, F, out.values),
             out.counts.long(),
-            _scatter(out.window, out.window_counts, F),
+            slots_to_dense(out.window, out.window_counts, F),
             out.fire_counts.long(),
         )
     return EncodeView(out.acts > 0, out.acts, out.l0.long(), None, None)  # acts > 0 iff z > theta > 0

@@ -287,3 +287,14 @@ def check_rows_for(shape: Shape, device: torch.device) -> int:
 def capacity_after(max_l0: int, F: int) -> int:
     """The encode's slots per row that the trainer uses after a step whose largest row L0 was max_l0."""
     return min(F, max(8, math.ceil(1.25 * max_l0)))
+
+
+def slots_to_dense(idx: Tensor, n: Tensor, F: int, values: Tensor | None = None) -> Tensor:
+    """The first n[r] slots of each row of idx [R, cap] (a kernel's compact per-row lists) as a dense [R, F]
+    bool mask, or holding `values` [R, cap] where given."""
+    R, cap = idx.shape
+    used = torch.arange(cap, device=idx.device)[None, :] < n[:, None]
+    rows = torch.arange(R, device=idx.device)[:, None].expand(R, cap)[used]
+    out = torch.zeros(R, F, dtype=torch.bool if values is None else values.dtype, device=idx.device)
+    out[rows, idx[used].long()] = True if values is None else values[used]
+    return out

@@ -276,6 +276,25 @@ def check_against_dense(result, sparse, fp32, fp64, report) -> None:
         )
 
 
+def guarded_sparse_step(sparse, lazy, x, lr, kind, coefficient, max_norm, guard: NoNewTensorOfShape | None):
+    """One `sparse_train_step` at the trajectory tests' capacities and tiles, under `guard` (no dense tensor
+    allocated) when one is given."""
+    with guard or contextlib.nullcontext():
+        result = sparse_train_step(
+            sparse,
+            lazy,
+            x.to(DEVICE),
+            lr,
+            Objective(kind, coefficient, TARGET),
+            max_norm,
+            capacity=32,
+            window_capacity=32,
+            blocks=STEP_BLOCKS,
+        )
+    assert guard is None or not guard.hits, guard.hits
+    return result
+
+
 @pytest.mark.parametrize("kind", ["l0", "target_l0"])
 def test_sparse_train_step_matches_dense_trainer_step(kind):
     """Steps alternate between max_grad_norm = MAX_NORM (clipping) and 0 (off), as both are stateless."""
@@ -304,19 +323,7 @@ def test_sparse_train_step_matches_dense_trainer_step(kind):
         s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, max_norm)
         # The allocation guard doubles a step's time in the interpreter: on the last step only.
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step == STEPS - 1 else None
-        with guard or contextlib.nullcontext():
-            result = sparse_train_step(
-                sparse,
-                lazy,
-                x.to(DEVICE),
-                lr,
-                Objective(kind, coefficient, TARGET),
-                max_norm,
-                capacity=32,
-                window_capacity=32,
-                blocks=STEP_BLOCKS,
-            )
-        assert guard is None or not guard.hits, guard.hits
+        result = guarded_sparse_step(sparse, lazy, x, lr, kind, coefficient, max_norm, guard)
         assert all(p.grad is None for p in sparse.parameters())
         assert result.stats.grad_norm > MAX_NORM  # so the clipped steps clip
         check_against_dense(result, sparse, (s32, dense32), (s64, dense64), report)
@@ -394,19 +401,7 @@ def test_mixed_precision_sparse_step_keeps_its_copies_and_matches_the_dense_step
             s32 = dense_step(dense32, adam32, x, lr, kind, coefficient, MAX_NORM)
             s64 = dense_step(dense64, adam64, x.double(), lr, kind, coefficient, MAX_NORM)
         guard = NoNewTensorOfShape([(F, D), (D, F), (x.shape[0], F)]) if step else None
-        with guard or contextlib.nullcontext():
-            result = sparse_train_step(
-                sparse,
-                lazy,
-                x.to(DEVICE),
-                lr,
-                Objective(kind, coefficient, TARGET),
-                MAX_NORM,
-                capacity=32,
-                window_capacity=32,
-                blocks=STEP_BLOCKS,
-            )
-        assert guard is None or not guard.hits, guard.hits
+        result = guarded_sparse_step(sparse, lazy, x, lr, kind, coefficient, MAX_NORM, guard)
         assert all(getattr(sparse, name).dtype == torch.float32 for name in PARAMS)
         W_enc, W_dec = cache.get(sparse)
         assert cache.full_casts == 2, "the kept copies were re-cast"
