@@ -20,6 +20,7 @@ from sae.checkpoint import PARAM_NAMES  # noqa: F401 -- re-exported: the model's
 from sae.ops import sae_forward
 
 THRESHOLD_FLOOR = 1e-6  # thresholds are clamped to at least this after each step: JumpReLU needs theta > 0
+_INIT_BLOCK_ELEMENTS = 1 << 26  # init_tied draws the rows before a slice in blocks of about this many numbers
 
 
 class OperandCache:
@@ -115,9 +116,18 @@ class JumpReLUSAE(nn.Module):
         self.operand_cache = OperandCache(dtype) if rounds_to(torch.float32, dtype) else None
 
     @torch.no_grad()
-    def init_tied(self, threshold: float, generator: torch.Generator | None = None) -> None:
-        """RECIPES init: W_dec rows He-uniform then unit norm, W_enc = W_dec^T, biases 0, theta constant."""
+    def init_tied(self, threshold: float, generator: torch.Generator | None = None, first_latent: int = 0) -> None:
+        """RECIPES init: W_dec rows He-uniform then unit norm, W_enc = W_dec^T, biases 0, theta constant.
+
+        first_latent: this model holds the latents [first_latent, first_latent + d_sae) of a larger SAE (one rank's
+        slice, sae/distributed): the generator's stream is drawn row by row from latent 0, in blocks, and the rows
+        before the slice are discarded, so the slice equals those rows of the whole SAE's init (CPU generators
+        draw uniform_ sequentially: blocks give the same numbers as one draw) without holding the whole SAE.
+        """
         bound = math.sqrt(6.0 / self.d_in)  # He-uniform, fan_in = d_in for the decoder rows
+        block = max(1, _INIT_BLOCK_ELEMENTS // self.d_in)
+        for start in range(0, first_latent, block):  # the rows of the latents before this slice
+            torch.empty(min(block, first_latent - start), self.d_in).uniform_(-bound, bound, generator=generator)
         w = torch.empty(self.d_sae, self.d_in).uniform_(-bound, bound, generator=generator)
         self.W_dec.copy_(w / w.norm(dim=1, keepdim=True))
         self.W_enc.copy_(self.W_dec.T)
@@ -126,14 +136,15 @@ class JumpReLUSAE(nn.Module):
         self.threshold.fill_(threshold)
 
     @torch.no_grad()
-    def init_thresholds_for_l0(self, x: Tensor, l0: float, floor: float) -> None:
+    def init_thresholds_for_l0(self, x: Tensor, l0: float, floor: float, total_latents: int | None = None) -> None:
         """Per-latent thresholds at the (1 - l0/F) quantile of each latent's pre-activations on x [B, D].
 
         Each latent then fires on about l0/F of these tokens, so the mean L0 starts near l0 and no latent
-        starts dead. Thresholds never go below `floor` (> 0).
+        starts dead. Thresholds never go below `floor` (> 0). total_latents: F of the whole SAE when this model
+        holds one rank's slice of it (default: this model's d_sae).
         """
         z = (x - self.b_dec) @ self.W_enc + self.b_enc
-        fires = min(max(round(x.shape[0] * l0 / self.d_sae), 1), x.shape[0] - 1)
+        fires = min(max(round(x.shape[0] * l0 / (total_latents or self.d_sae)), 1), x.shape[0] - 1)
         # theta = the (fires + 1)-th largest z per latent, so exactly `fires` tokens lie above it.
         theta = z.topk(fires + 1, dim=0).values[-1]
         self.threshold.copy_(theta.clamp_min(floor))
