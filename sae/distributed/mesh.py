@@ -5,6 +5,10 @@ nothing, so the single-process step is the world-size-1 case of the same code. `
 process group torchrun describes in the environment (gloo on CPU, nccl on CUDA), with a timeout: a rank that
 dies or stalls makes the others fail with `CollectiveError` instead of waiting forever.
 
+Under nccl the collectives run asynchronously on the GPU: a timed-out one is reported by torch's NCCL watchdog
+(TORCH_NCCL_ASYNC_ERROR_HANDLING, on by default), which ends the process with its own message after the same
+timeout, rather than as a `CollectiveError` raised here; gloo (CPU) raises here.
+
 Bytes are counted per kind ("<collective>/<tag>", e.g. "all_reduce/x_hat") as the payload each rank hands to
 the collective (an all-gather: its own contribution), not the wire traffic of the algorithm underneath (a ring
 all-reduce of n bytes sends and receives about 2 n (W - 1) / W bytes per rank).
