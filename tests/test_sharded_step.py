@@ -90,7 +90,8 @@ def test_mesh_single_is_todays_dense_step_bit_for_bit():
     model, xs = w.make_problem()
     twin = copy.deepcopy(model)
     today = w.train(DenseStep(model, w.OPTIM), xs)
-    single = w.train(DenseStep(twin, w.OPTIM, Mesh.single()), xs, mesh=Mesh.single())
+    mesh = Mesh.single()
+    single = w.train(DenseStep(twin, w.OPTIM, mesh), xs, mesh=mesh)
     for got, want in zip(single, today, strict=True):
         assert all(got[n] == want[n] for n in (*FIGURES, "l0", "active")), (got, want)
         assert got["communicated_bytes"] == 0 and got["sent"] == {}
