@@ -3,6 +3,11 @@
 forward -> Objective -> backward -> decoder-gradient projection -> clipping -> Adam -> renormalisation and the
 threshold floor (RECIPES section 1). Every [F, D] gradient and both Adam moments exist in full; the sparse
 step (sae/sparse_step.py) computes the same update touching only the latents with a non-zero gradient.
+
+With a `Mesh` the step is latent-sharded (sae/distributed/sharded.py): `model` holds this rank's slice of the
+latents, the forward sums the ranks' partial reconstructions and L0s, and the gradient norm is reduced over the
+ranks; everything after it (projection, clipping, Adam, renormalisation, threshold floor) is local.
+Without one (None) it is the single-process step, computing exactly as before sharding existed.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from torch import Tensor
 
 from kernels.reference import Forward
 from sae.config import OptimConfig
+from sae.distributed import sharded
+from sae.distributed.mesh import Mesh
 from sae.health import check_step_values
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
 from sae.objectives import Loss, Objective, per_token_error
@@ -29,6 +36,7 @@ class DenseUpdate(NamedTuple):
     forward: Forward  # x_hat, per-row l0, active indices and values
     explained_variance: Tensor  # []
     grad_norm: Tensor  # [] before clipping
+    communicated_bytes: int  # payload bytes this rank's collectives moved during the step (0 without a mesh)
 
 
 def dense_update(
@@ -41,31 +49,39 @@ def dense_update(
     *,
     autocast: torch.dtype | None = None,
     guard: Callable[[Mapping[str, Tensor]], None] | None = check_step_values,
+    mesh: Mesh | None = None,
 ) -> DenseUpdate:
     """The dense step's mathematics, written once (the trainer's `DenseStep`, the bench and the tests run it).
 
     autocast: run the forward and the loss under torch.autocast(x's device type, dtype=autocast), the usual
     mixed-precision recipe (backward and optimizer outside it). guard: called with the loss and the gradient
     norm before any parameter moves (default: raise `NonFiniteStep` when one is not finite; None: no check and
-    no host synchronisation, e.g. inside torch.compile).
+    no host synchronisation, e.g. inside torch.compile). mesh: `model` is this rank's latent slice and every
+    rank calls this with the same x (module docstring); the loss, L0, gradient norm and b_dec stay identical on
+    every rank, so `guard` raises on all of them alike. None: one process, the whole SAE.
     """
+    sent = 0 if mesh is None else mesh.sent_total()
     for group in optimizer.param_groups:
         group["lr"] = lr
     amp = contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, dtype=autocast)
     with amp:
-        out = model(x)
+        out = model(x) if mesh is None else sharded.sharded_forward(model, x, mesh)
         loss = objective(per_token_error(x, out.x_hat), out.l0)
     optimizer.zero_grad(set_to_none=True)
     loss.total.backward()
     model.project_decoder_grad()
     max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if mesh is None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        grad_norm = sharded.clip_grad_norm_(model, max_norm, mesh)
     if guard is not None:
         guard({"loss": loss.total, "gradient norm": grad_norm})
     apply_update(model, optimizer)
     with torch.no_grad():
         ev = explained_variance(x, out.x_hat)
-    return DenseUpdate(loss, out, ev, grad_norm)
+    communicated = 0 if mesh is None else mesh.sent_total() - sent
+    return DenseUpdate(loss, out, ev, grad_norm, communicated)
 
 
 def apply_update(model: JumpReLUSAE, optimizer: torch.optim.Optimizer) -> None:
@@ -80,10 +96,13 @@ class DenseStep:
     """`sae.steps.TrainStep` with torch.optim.Adam(betas=(beta1, beta2)) over the SAE's parameters.
 
     Raises `sae.health.NonFiniteStep` before the update when the loss or the gradient norm is not finite.
+    mesh: `model` is this rank's latent slice (`sae.distributed.sharded.shard_sae`) and the step is sharded
+    (`dense_update`); the optimizer state is then this rank's slice too, and the result's indices are local
+    latent ids (add the rank's `LatentSlice.start` for global ones). None: one process.
     """
 
-    def __init__(self, model: JumpReLUSAE, optim: OptimConfig):
-        self.model = model
+    def __init__(self, model: JumpReLUSAE, optim: OptimConfig, mesh: Mesh | None = None):
+        self.model, self.mesh = model, mesh
         self.max_grad_norm = optim.max_grad_norm
         self.optimizer = torch.optim.Adam(
             [getattr(model, name) for name in PARAM_NAMES], lr=optim.lr,
@@ -91,11 +110,11 @@ class DenseStep:
         )  # fmt: skip
 
     def __call__(self, x: Tensor, lr: float, objective: Objective) -> StepResult:
-        u = dense_update(self.model, self.optimizer, x, lr, objective, self.max_grad_norm)
+        u = dense_update(self.model, self.optimizer, x, lr, objective, self.max_grad_norm, mesh=self.mesh)
         loss, out = u.loss, u.forward
         return StepResult(
             loss.total.item(), loss.reconstruction.item(), loss.mse.item(), loss.sparsity.item(), out.l0.mean().item(),
-            u.explained_variance.item(), u.grad_norm.item(), 0.0, out.indices, out.values,
+            u.explained_variance.item(), u.grad_norm.item(), 0.0, out.indices, out.values, u.communicated_bytes,
         )  # fmt: skip
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -32,8 +32,9 @@ class StepResult(NamedTuple):
     explained_variance: float  # about the batch mean (RECIPES 3)
     grad_norm: float  # of all parameters' gradients, before clipping
     encode_reruns: float  # 1 when a row overflowed the fused encode's capacity and it ran again (sparse only)
-    indices: Tensor  # [B, K] int64 active latents per row
+    indices: Tensor  # [B, K] int64 active latents per row (a sharded step: this rank's local latent ids)
     values: Tensor  # [B, K] their values; > 0 marks a used slot
+    communicated_bytes: int = 0  # payload bytes sent by this rank's collectives (sharded step; 0 in one process)
 
 
 class TrainStep(Protocol):

@@ -22,6 +22,7 @@ from sae import checkpoint as ckpt
 from sae.batches import BatchStream
 from sae.config import OptimConfig, TrainConfig
 from sae.dense_step import DenseStep
+from sae.distributed.mesh import Mesh
 from sae.errors import ConfigError
 from sae.health import LossWatch, NonFiniteStep, TrainingHealthError, non_finite_parameters, stop_message
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
@@ -68,9 +69,21 @@ def uses_sparse_step(backend: str, optim: OptimConfig) -> bool:
     return backend == "triton" and optim.adam_beta1 == 0.0
 
 
-def make_step(model: JumpReLUSAE, backend: str, optim: OptimConfig) -> TrainStep:
-    """The run's step (`sae.steps.TrainStep`), chosen once from the resolved backend and the optimizer."""
-    return SparseStep(model, optim) if uses_sparse_step(backend, optim) else DenseStep(model, optim)
+def make_step(model: JumpReLUSAE, backend: str, optim: OptimConfig, mesh: Mesh | None = None) -> TrainStep:
+    """The run's step (`sae.steps.TrainStep`), chosen once from the resolved backend and the optimizer.
+
+    mesh: train `model`, this rank's latent slice, with the latent-sharded dense step (`DenseStep`'s mesh). The
+    sparse step is not sharded: over more than one rank it is refused (ConfigError), not silently replaced.
+    """
+    if uses_sparse_step(backend, optim):
+        if mesh is not None and mesh.world > 1:
+            raise ConfigError(
+                f"the sparse training step (--backend triton with --adam-beta1 0) runs on one process only, and "
+                f"this run has {mesh.world} ranks: its LazyAdam state is not sharded yet. Train on one process, or "
+                "take the sharded dense step with a non-zero --adam-beta1 (e.g. 0.9) or --backend reference"
+            )
+        return SparseStep(model, optim)
+    return DenseStep(model, optim, mesh)
 
 
 class Trainer:

@@ -1,5 +1,7 @@
 """Training beyond one process with torch.distributed (launched by torchrun): latent-sharded SAEs.
 
-`layout` says which slice of the latents each rank owns; the other modules build on it. Nothing here runs at
+`layout` says which slice of the latents each rank owns; `mesh` is this process's place among the ranks and the
+counted collectives (`Mesh.single()` for one process); `sharded` is the latent-sharded forward, gradient norm and
+parameter exchange that `sae.dense_step.dense_update(..., mesh=...)` runs. Nothing here runs at
 import time, and a single process is the world-size-1 case of the same code.
 """
