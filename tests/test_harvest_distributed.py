@@ -121,7 +121,7 @@ def test_another_world_restarts_at_the_earliest_unfinished_round_and_says_what_r
         (message,) = [str(w.message) for w in caught]
         assert "saved by 2 data-parallel rank(s) and this run has 3" in message
         assert "earliest unfinished position, epoch 0, example 30" in message
-        assert "rank 0: its forward groups up to the round at epoch 1, example 8, 3 token(s)" in message
+        assert "rank 0: its forward groups from there up to the round at epoch 1, example 8, 3 token(s)" in message
         assert "rank 1: the part of the segment in its buffer before batch 2 of pass 0" in message
         assert "Resume on 2 rank(s) to continue exactly" in message
 
