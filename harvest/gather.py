@@ -56,6 +56,8 @@ class GatheredBatches:
                 f"{self.world} in the process group: the global batch would not hold each group of the stream once. "
                 "Build the harvester with shard=Shard(rank, world) of the same process group"
             )
+        if hasattr(source, "gathered"):
+            source.gathered = True  # a Harvester that sharded itself from the environment warns unless gathered
         self.bytes_gathered = 0
         self._checked = False
 

@@ -18,6 +18,7 @@ tokens; harvest/gather.py assembles the global batch and the run's data position
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -85,6 +86,9 @@ class Harvester:
         self.batch_size, self.device, self.progress = batch_size, torch.device(device), progress
         self.layers = tuple(layers) if layers else (model_cfg.layer,)
         self.shard = shard if shard is not None else Shard.from_env()
+        self.gathered = False
+        """Set by harvest.gather.GatheredBatches, which assembles the global batch from every rank's."""
+        self._warn_ungathered = shard is None and self.shard.world > 1
         self.model, self.tokenizer = lm or load_lm(model_cfg)
         check_layer(model_cfg, num_layers(self.model), self.layers)
         self.d_in: int = self.model.config.get_text_config().hidden_size
@@ -141,6 +145,11 @@ class Harvester:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state) == {"world", "ranks"}:
+            raise HarvestError(
+                f"this is the data position of {state['world']} data-parallel rank(s), not one harvester's: load "
+                "harvest.gather.restore_data_position(position, rank, world), this rank's part of it"
+            )
         if set(state) != _STATE_KEYS:
             raise HarvestError(
                 f"this data position has keys {sorted(state)}, not {sorted(_STATE_KEYS)}: it was written by another "
@@ -169,6 +178,15 @@ class Harvester:
 
     def __iter__(self):
         self.close()
+        if self._warn_ungathered and not self.gathered:
+            self._warn_ungathered = False
+            warnings.warn(
+                f"this Harvester sharded itself from torchrun's environment (rank {self.shard.rank} of "
+                f"{self.shard.world}): it delivers only this rank's share of the data. Wrap it in "
+                "harvest.gather.GatheredBatches for the global batch, pass shard=Shard(0, 1) for every token on "
+                "every rank, or pass shard=Shard.from_env() if per-rank batches are what you want",
+                stacklevel=2,
+            )
         reader = GroupReader(
             self.model,
             self.tokenizer,

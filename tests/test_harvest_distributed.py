@@ -75,15 +75,24 @@ def test_groups_are_dealt_in_rounds(tiny_model, text_file):
             assert mine.position() == alone.position()  # every rank has read the whole rounds
 
 
-def test_harvester_shards_itself_under_torchrun(tiny_model, text_file, monkeypatch):
+def test_harvester_shards_itself_under_torchrun(tiny_model, text_file, monkeypatch, recwarn):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     model_cfg, data_cfg, buffer_cfg = worker.configs(tiny_model, text_file)
     sharded = Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=6, progress=False)
     assert sharded.shard == Shard(1, 2) and sharded.describe().endswith("(rank 1 of 2)")
+    with pytest.warns(UserWarning, match="delivers only this rank's share of the data. Wrap it in"):
+        next(iter(sharded))
+    sharded.close()
     lm = (sharded.model, sharded.tokenizer)
-    alone = Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=6, lm=lm, progress=False, shard=Shard(0, 1))
-    assert alone.shard == Shard(0, 1)
+    for shard in (Shard(0, 1), Shard.from_env()):  # chosen explicitly: no warning
+        explicit = Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=6, lm=lm, progress=False, shard=shard)
+        assert explicit.shard == shard
+        next(iter(explicit))
+        explicit.close()
+    assert not [w for w in recwarn.list if "share of the data" in str(w.message)]
+    with pytest.raises(HarvestError, match="load harvest.gather.restore_data_position"):
+        explicit.load_state_dict({"world": 2, "ranks": [explicit.state_dict()] * 2})
 
 
 def test_gathering_needs_a_process_group():
