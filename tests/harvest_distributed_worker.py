@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from harvest import BufferConfig, DataConfig, Harvester, ModelConfig
+from harvest import BufferConfig, DataConfig, Harvester, HarvestError, ModelConfig
 from harvest.gather import GatheredBatches, data_position, restore_data_position
 from harvest.shard import Shard
 
@@ -68,7 +68,13 @@ def fresh(model: str, text: str, out: Path, shard: Shard) -> dict:
     resumed.load_state_dict(restore_data_position(saved, shard.rank, shard.world))
     rest = take(resumed, TOTAL - STOP)
     resumed.close()
+    try:  # batches of another shape on each rank: refused on every rank, before the gather itself
+        take(GatheredBatches([torch.zeros(2 + shard.rank, 4)]), 1)
+        mismatch = None
+    except HarvestError as err:
+        mismatch = str(err)
     return {
+        "mismatch": mismatch,
         "batches": torch.stack(batches),
         "resumed": torch.stack(rest),
         "local_batch": first.batch_size,

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from harvest import Harvester, load_lm
 from harvest.errors import HarvestError
 from harvest.forward import GroupReader
-from harvest.gather import GatheredBatches, restore_data_position
+from harvest.gather import GatheredBatches, data_position, restore_data_position
 from harvest.shard import Shard
 from harvest.text import token_rows
 from tests import harvest_distributed_worker as worker
@@ -98,6 +99,32 @@ def test_harvester_shards_itself_under_torchrun(tiny_model, text_file, monkeypat
 def test_gathering_needs_a_process_group():
     with pytest.raises(HarvestError, match="init_process_group"):
         GatheredBatches([torch.zeros(2, 3)])
+
+
+@pytest.fixture
+def one_rank_group(tmp_path):
+    """A gloo process group of this process alone (torchrun's launches cost seconds; world 1 needs none)."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_gathers_its_own_batches(one_rank_group):
+    batches = [torch.randn(4, 3), torch.randn(4, 2, 3)]
+    gathered = GatheredBatches(batches)
+    assert all(torch.equal(a, b) for a, b in zip(gathered, batches, strict=True))
+    assert gathered.bytes_gathered == 0 and gathered.stats() == {"bytes_gathered": 0}
+    assert data_position({"segment": 0}) == {"world": 1, "ranks": [{"segment": 0}]}
+
+
+def test_a_source_sharded_for_another_group_is_refused(one_rank_group, tiny_model, text_file):
+    model_cfg, data_cfg, buffer_cfg = worker.configs(tiny_model, text_file)
+    h = Harvester(model_cfg, data_cfg, buffer_cfg, batch_size=6, progress=False, shard=Shard(1, 2))
+    with pytest.raises(HarvestError, match="harvests as rank 1 of 2, but gathers as rank 0 of 1"):
+        GatheredBatches(h)
 
 
 def state(epoch, index, skip=0, segment=3, pass_=0, batch=0):
@@ -194,6 +221,8 @@ def test_two_ranks_deliver_every_token_once_in_one_global_batch(tiny_model, text
     b, segment = results[0]["local_batch"], results[0]["segment_tokens"]
     assert b == 6 and segment == 30 and batches.shape == (worker.TOTAL, 12, 32)
     assert torch.equal(results[1]["batches"], batches), "every rank must see the same global batch"
+    for result in results:
+        assert "rank 0: (2, 4) of 4-byte elements, rank 1: (3, 4) of 4-byte elements" in result["mismatch"]
     segments = worker.TOTAL * b // segment
     assert segments * segment == worker.TOTAL * b, "the test compares whole segments"
     streams = rank_streams(tiny_model, text_file, 2, segments * segment)
