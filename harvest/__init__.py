@@ -4,5 +4,6 @@ from .config import BufferConfig, DataConfig, ModelConfig
 from .errors import HarvestError
 from .harvester import Harvester
 from .lm import load_lm
+from .shard import Shard
 
-__all__ = ["BufferConfig", "DataConfig", "HarvestError", "Harvester", "ModelConfig", "load_lm"]
+__all__ = ["BufferConfig", "DataConfig", "HarvestError", "Harvester", "ModelConfig", "Shard", "load_lm"]

@@ -10,10 +10,15 @@ thread with BufferConfig.overlap).
 The position {"segment", "cursor", "pass", "batch"} resumes exactly: the cursor says where the segment's
 tokens come from (harvest/segments.py), the segment is harvested again, and the batches already delivered
 are skipped.
+
+Data parallelism (harvest/shard.py): under torchrun each rank's Harvester runs the model on its own forward
+groups (the rank-th of every round of world groups) into its own ring, and delivers batches of its own
+tokens; harvest/gather.py assembles the global batch and the run's data position from all ranks.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -27,6 +32,7 @@ from .lm import check_layer, load_lm, num_layers
 from .nonfinite import NonFiniteFilter
 from .ring import CudaStreams, RingProducer, stream_sync
 from .segments import SegmentFiller
+from .shard import Shard
 from .text import token_rows
 
 _BUFFER_SEED = 0xB0FF
@@ -38,6 +44,10 @@ _STATE_KEYS = {"segment", "cursor", "pass", "batch"}
 class Harvester:
     """Iterate for float32 activation batches on `device`: [batch_size, d_in] with one captured layer,
     [batch_size, len(layers), d_in] with several. state_dict() / load_state_dict() resume exactly.
+
+    Under torchrun (RANK and WORLD_SIZE set) a Harvester shards itself: it harvests only its rank's forward
+    groups, and batch_size is this rank's share of the global batch (Shard.local_batch_size). Pass
+    shard=Shard(0, 1) for a harvester that reads everything, e.g. one used by a single rank.
 
     One iterator at a time: iterating advances this object's position; starting a new iteration (or
     load_state_dict) stops the previous one's producer.
@@ -54,12 +64,15 @@ class Harvester:
         progress: bool = True,
         layers: Sequence[int] | None = None,
         rows=None,
+        shard: Shard | None = None,
     ):
         """lm: an already loaded (model, tokenizer) for model_cfg, to share one model between harvesters.
         layers: the decoder layers to capture in one forward (default: model_cfg.layer alone).
         rows: a token-row source to read instead of data_cfg's (anything with TokenRows' take, position,
             seek and close; the bench feeds random token rows on machines without the datasets package).
-        progress: show a bar while the first segment is harvested (the start-up wait)."""
+        progress: show a bar while the first segment is harvested (the start-up wait).
+        shard: which forward groups this harvester runs (harvest/shard.py); None reads torchrun's RANK and
+            WORLD_SIZE (Shard.from_env: Shard(0, 1), everything, outside torchrun)."""
         if batch_size < 1:
             raise HarvestError(f"batch_size={batch_size} must be at least 1")
         half = buffer_cfg.buffer_tokens // 2
@@ -72,6 +85,10 @@ class Harvester:
         self.model_cfg, self.data_cfg, self.buffer_cfg = model_cfg, data_cfg, buffer_cfg
         self.batch_size, self.device, self.progress = batch_size, torch.device(device), progress
         self.layers = tuple(layers) if layers else (model_cfg.layer,)
+        self.shard = shard if shard is not None else Shard.from_env()
+        self.gathered = False
+        """Set by harvest.gather.GatheredBatches, which assembles the global batch from every rank's."""
+        self._warn_ungathered = shard is None and self.shard.world > 1
         self.model, self.tokenizer = lm or load_lm(model_cfg)
         check_layer(model_cfg, num_layers(self.model), self.layers)
         self.d_in: int = self.model.config.get_text_config().hidden_size
@@ -93,9 +110,10 @@ class Harvester:
         return 2 * self.segment_tokens * len(self.layers) * self.d_in * self.dtype.itemsize
 
     def describe(self) -> str:
+        rank = f" (rank {self.shard.rank} of {self.shard.world})" if self.shard.world > 1 else ""
         return (
             f"activation buffer: 2 x {self.segment_tokens:,} tokens x {len(self.layers)} layer(s) x {self.d_in} x "
-            f"{str(self.dtype).removeprefix('torch.')} = {self.buffer_bytes / 2**20:,.1f} MiB on {self.device}"
+            f"{str(self.dtype).removeprefix('torch.')} = {self.buffer_bytes / 2**20:,.1f} MiB on {self.device}{rank}"
         )
 
     def metadata(self, layer: int | None = None) -> dict:
@@ -117,7 +135,8 @@ class Harvester:
         return self.nonfinite.stats()
 
     def state_dict(self) -> dict:
-        """JSON-able position: a fresh Harvester with the same configs continues from the next batch."""
+        """JSON-able position: a fresh Harvester with the same configs (and shard) continues from the next batch.
+        Under data parallelism this is one rank's; harvest.gather.data_position collects every rank's."""
         return {
             "segment": self._segment,
             "cursor": {"group_start": dict(self._cursor["group_start"]), "skip": self._cursor["skip"]},
@@ -126,6 +145,11 @@ class Harvester:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        if set(state) == {"world", "ranks"}:
+            raise HarvestError(
+                f"this is the data position of {state['world']} data-parallel rank(s), not one harvester's: load "
+                "harvest.gather.restore_data_position(position, rank, world), this rank's part of it"
+            )
         if set(state) != _STATE_KEYS:
             raise HarvestError(
                 f"this data position has keys {sorted(state)}, not {sorted(_STATE_KEYS)}: it was written by another "
@@ -154,6 +178,15 @@ class Harvester:
 
     def __iter__(self):
         self.close()
+        if self._warn_ungathered and not self.gathered:
+            self._warn_ungathered = False
+            warnings.warn(
+                f"this Harvester sharded itself from torchrun's environment (rank {self.shard.rank} of "
+                f"{self.shard.world}): it delivers only this rank's share of the data. Wrap it in "
+                "harvest.gather.GatheredBatches for the global batch, pass shard=Shard(0, 1) for every token on "
+                "every rank, or pass shard=Shard.from_env() if per-rank batches are what you want",
+                stacklevel=2,
+            )
         reader = GroupReader(
             self.model,
             self.tokenizer,
@@ -163,6 +196,7 @@ class Harvester:
             self.data_cfg.exclude_special_tokens,
             self.model_cfg.norm_outlier_factor,
             self.nonfinite,
+            self.shard,
         )
         bar = tqdm(
             total=self.segment_tokens,
