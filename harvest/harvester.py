@@ -145,11 +145,13 @@ class Harvester:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        if set(state) == {"world", "ranks"}:
-            raise HarvestError(
-                f"this is the data position of {state['world']} data-parallel rank(s), not one harvester's: load "
-                "harvest.gather.restore_data_position(position, rank, world), this rank's part of it"
-            )
+        """Continue from a position: this harvester's own state, or a data-parallel run's {"world", "ranks"}
+        (harvest.gather.data_position), of which this rank takes its part by restore_data_position's policy
+        (exact on as many ranks as saved it; otherwise the earliest unfinished position, with a warning)."""
+        if set(state) == {"world", "ranks"} or self.shard.world > 1:
+            from .gather import restore_data_position
+
+            state = restore_data_position(state, self.shard.rank, self.shard.world)
         if set(state) != _STATE_KEYS:
             raise HarvestError(
                 f"this data position has keys {sorted(state)}, not {sorted(_STATE_KEYS)}: it was written by another "

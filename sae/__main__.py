@@ -136,9 +136,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace) -> int:
-    from harvest import Harvester
+    from harvest import Harvester, Shard
+    from harvest.gather import GatheredBatches
     from harvest.lm import resolve_device
     from sae import checkpoint as ckpt
+    from sae.distributed.mesh import Mesh, launched_by_torchrun
     from sae.trainer import Trainer
 
     overrides = given_flags(args, TrainConfig)
@@ -146,30 +148,41 @@ def train(args: argparse.Namespace) -> int:
     if args.resume is not None:
         base = ckpt.load_training_info(ckpt.resume_checkpoint(args.resume))["config"]
     cfg = build_config(TrainConfig, overrides, base)
-    device = resolve_device(cfg.run.device)
-    print(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")
-    source = Harvester(
+    mesh = Mesh.from_env(timeout_s=cfg.run.collective_timeout_s) if launched_by_torchrun() else None
+    lead = mesh is None or mesh.rank == 0
+    say = print if lead else (lambda *a, **k: None)  # rank 0 speaks for the run
+    device = mesh.device if mesh is not None and mesh.device.type == "cuda" else resolve_device(cfg.run.device)
+    say(f"saekit: model {cfg.model.model} layer {cfg.model.layer}, data {cfg.data.dataset}, device {device}")
+    shard = Shard(mesh.rank, mesh.world) if mesh is not None else Shard(0, 1)
+    harvester = Harvester(
         cfg.model,
         cfg.data,
         cfg.buffer,
-        batch_size=cfg.optim.batch_size,
+        batch_size=shard.local_batch_size(cfg.optim.batch_size),
         device=str(device),
-        progress=not args.no_progress,
+        progress=not args.no_progress and lead,
+        shard=shard,
     )
-    print(source.describe())
-    trainer = Trainer(cfg, source, metadata=source.metadata(), resume=args.resume, progress=not args.no_progress)
-    print(
-        f"SAE d_in={trainer.model.d_in} d_sae={trainer.model.d_sae}, {cfg.objective.sparsity} objective, "
-        f"{cfg.run.steps} steps x {cfg.optim.batch_size} tokens -> {cfg.run.out_dir}"
-        + (f" (resuming at step {trainer.step})" if args.resume else "")
-    )
+    say(harvester.describe())
+    source = GatheredBatches(harvester, mesh.group) if mesh is not None else harvester
     try:
+        trainer = Trainer(
+            cfg, source, metadata=harvester.metadata(), resume=args.resume, progress=not args.no_progress, mesh=mesh
+        )
+        ranks = f", latents split over {mesh.world} ranks ({trainer.slice.size} on rank 0)" if mesh else ""
+        say(
+            f"SAE d_in={trainer.model.d_in} d_sae={trainer.d_sae}{ranks}, {cfg.objective.sparsity} objective, "
+            f"{cfg.run.steps} steps x {cfg.optim.batch_size} tokens -> {cfg.run.out_dir}"
+            + (f" (resuming at step {trainer.step})" if args.resume else "")
+        )
         summary = trainer.fit()
     except KeyboardInterrupt:
         return 130
     finally:
         source.close()
-    print(
+        if mesh is not None:
+            mesh.close()
+    say(
         f"\ndone: {summary.step} steps, {summary.tokens:,} tokens\n"
         f"  checkpoint          {summary.checkpoint}\n"
         f"  L0                  {summary.l0:.1f} (mean over the last {cfg.run.log_every} steps)\n"
@@ -178,9 +191,9 @@ def train(args: argparse.Namespace) -> int:
         f"(no fire in the last {summary.dead_window_tokens:,} tokens)\n"
         f"  metrics             {cfg.run.out_dir}/metrics.jsonl"
     )
-    counts = source.stats()
+    counts = harvester.stats()
     if counts["nonfinite_dropped"] or trainer.skipped_batches:
-        print(
+        say(
             f"  dropped             {counts['nonfinite_dropped']:,} non-finite activations of "
             f"{counts['harvested_tokens']:,} harvested; {trainer.skipped_batches} batches skipped"
         )
@@ -270,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from harvest.errors import HarvestError
     from sae.checkpoint import CheckpointError
+    from sae.distributed.mesh import CollectiveError
     from sae.health import TrainingHealthError
 
     try:
@@ -281,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "select":
             return select(args)
-    except (ConfigError, CheckpointError, HarvestError, TrainingHealthError) as err:
+    except (ConfigError, CheckpointError, HarvestError, TrainingHealthError, CollectiveError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

@@ -173,8 +173,13 @@ class RunConfig:
     max_skipped_batches: int = 10
     """With --on-nonfinite skip: stop anyway after this many skipped batches (a run that keeps producing
     non-finite values is broken, not unlucky)."""
+    collective_timeout_s: float = 300.0
+    """Under torchrun: how long a rank waits in a collective for the others before it stops with an error (a rank
+    that died or hangs stops the run instead of hanging it)."""
 
     def __post_init__(self) -> None:
+        if not self.collective_timeout_s > 0:
+            raise ConfigError(f"--collective-timeout-s must be > 0 seconds; got {self.collective_timeout_s}")
         if self.on_nonfinite not in get_args(NonFiniteAction):
             raise ConfigError(f"--on-nonfinite must be one of {get_args(NonFiniteAction)}; got {self.on_nonfinite!r}")
         if self.max_skipped_batches < 0:

@@ -22,7 +22,8 @@ from sae import checkpoint as ckpt
 from sae.batches import BatchStream
 from sae.config import OptimConfig, TrainConfig
 from sae.dense_step import DenseStep
-from sae.distributed.mesh import Mesh
+from sae.distributed.layout import LATENT_DIM, LatentSlice, latent_slice
+from sae.distributed.mesh import Mesh, check_same_config
 from sae.errors import ConfigError
 from sae.health import LossWatch, NonFiniteStep, TrainingHealthError, non_finite_parameters, stop_message
 from sae.model import PARAM_NAMES, THRESHOLD_FLOOR, JumpReLUSAE
@@ -51,6 +52,7 @@ class StepStats(NamedTuple):
     lr: float
     sparsity_coefficient: float
     encode_reruns: float  # 1 when a row overflowed the fused encode's capacity and it ran again (triton only)
+    communicated_bytes: float = 0.0  # payload this rank's collectives moved in the step (latent-sharded runs)
 
 
 class TrainSummary(NamedTuple):
@@ -69,19 +71,31 @@ def uses_sparse_step(backend: str, optim: OptimConfig) -> bool:
     return backend == "triton" and optim.adam_beta1 == 0.0
 
 
-def make_step(model: JumpReLUSAE, backend: str, optim: OptimConfig, mesh: Mesh | None = None) -> TrainStep:
+def make_step(
+    model: JumpReLUSAE, backend: str, optim: OptimConfig, mesh: Mesh | None = None, allow_dense_fallback: bool = False
+) -> TrainStep:
     """The run's step (`sae.steps.TrainStep`), chosen once from the resolved backend and the optimizer.
 
     mesh: train `model`, this rank's latent slice, with the latent-sharded dense step (`DenseStep`'s mesh). The
-    sparse step is not sharded: over more than one rank it is refused (ConfigError), not silently replaced.
+    sparse step is not sharded: over more than one rank it is refused (ConfigError), or with allow_dense_fallback
+    replaced, with a warning, by the sharded dense step, whose update is the same (the trainer's choice).
     """
     if uses_sparse_step(backend, optim):
         if mesh is not None and mesh.world > 1:
-            raise ConfigError(
-                f"the sparse training step (--backend triton with --adam-beta1 0) runs on one process only, and "
-                f"this run has {mesh.world} ranks: its LazyAdam state is not sharded yet. Train on one process, or "
-                "take the sharded dense step with a non-zero --adam-beta1 (e.g. 0.9) or --backend reference"
-            )
+            if not allow_dense_fallback:
+                raise ConfigError(
+                    f"the sparse training step (--backend triton with --adam-beta1 0) runs on one process only, and "
+                    f"this run has {mesh.world} ranks: its LazyAdam state is not sharded yet. Train on one process, "
+                    "or take the sharded dense step with a non-zero --adam-beta1 (e.g. 0.9) or --backend reference"
+                )
+            if mesh.rank == 0:
+                warnings.warn(
+                    f"the sparse training step is not sharded yet: this run of {mesh.world} ranks takes the "
+                    "latent-sharded dense step, the same update (Adam with beta1 = 0 over every latent, RECIPES 1) "
+                    "with the full gradients of each rank's slice",
+                    stacklevel=2,
+                )
+            return DenseStep(model, optim, mesh)
         return SparseStep(model, optim)
     return DenseStep(model, optim, mesh)
 
@@ -98,6 +112,10 @@ class Trainer:
         progress: show a progress bar.
         write: keep the run folder cfg.run.out_dir (config, metrics log, checkpoints); False: touch no file
             (logged records stay in `last_logged`; `save_checkpoint` refuses).
+        mesh: the ranks this SAE's latents are split over (sae/distributed): each rank holds its slice of the
+            latents and must be fed the same global batches (harvest.gather.GatheredBatches); rank 0 logs, every
+            rank writes its shard of each checkpoint (torch.distributed.checkpoint) into the shared out_dir.
+            None: one process, the world-size-1 case of the same code.
     """
 
     def __init__(
@@ -108,8 +126,14 @@ class Trainer:
         resume: str | Path | None = None,
         progress: bool = True,
         write: bool = True,
+        mesh: Mesh | None = None,
     ):
         self.cfg = cfg
+        self.mesh = mesh if mesh is not None else Mesh.single()
+        self.sharded = self.mesh.world > 1
+        self.lead = self.mesh.rank == 0  # logs, shows the bar, writes the run folder's config and metrics
+        if self.sharded:
+            check_same_config(self.mesh, cfg.to_dict())
         self.batches = BatchStream(source)
         self.metadata = metadata or {}
         self.progress = progress
@@ -126,27 +150,33 @@ class Trainer:
         self.skipped_batches = 0
         self._loss_watch = LossWatch()
         self._alerts: list[str] = []
-        state = ckpt.load_training_state(ckpt.resume_checkpoint(resume)) if resume is not None else None
-        if state is None and self.folder is not None:
+        checkpoint = ckpt.resume_checkpoint(resume) if resume is not None else None
+        info = ckpt.load_training_info(checkpoint) if checkpoint is not None else None
+        if info is None and self.folder is not None:
             self.folder.refuse_existing_run()
-        d_in = int(state.info["d_in"]) if state else self._source_width(source)
-        self.pretrained = load_pretrained(cfg.sae.init_from) if cfg.sae.init_from and state is None else None
-        if state is not None:
-            d_sae = int(state.info["d_sae"])
+        d_in = int(info["d_in"]) if info else self._source_width(source)
+        self.pretrained = load_pretrained(cfg.sae.init_from) if cfg.sae.init_from and info is None else None
+        if info is not None:
+            d_sae = int(info["d_sae"])
         else:
             d_sae = self._pretrained_width(d_in) if self.pretrained is not None else cfg.sae.width(d_in)
         cfg.check_width(d_in, d_sae)
+        self.d_sae = d_sae  # the whole SAE's; self.model holds this rank's slice of it
+        self.slice: LatentSlice = latent_slice(d_sae, self.mesh.world, self.mesh.rank)
         compute = resolve_compute(cfg.sae.backend, cfg.sae.compute_dtype, cfg.run.device)
         self.device, self.compute_dtype = compute.device, compute.dtype
-        self.model = JumpReLUSAE(d_in, d_sae, cfg.sae.bandwidth, compute.backend, compute.dtype).to(self.device)
-        self.stepper = make_step(self.model, compute.backend, cfg.optim)
+        self.model = JumpReLUSAE(d_in, self.slice.size, cfg.sae.bandwidth, compute.backend, compute.dtype).to(
+            self.device
+        )
+        mesh_for_step = self.mesh if self.sharded else None
+        self.stepper = make_step(self.model, compute.backend, cfg.optim, mesh_for_step, allow_dense_fallback=True)
         self.tokens_since_fired = torch.zeros(self.model.d_sae, dtype=torch.int64, device=self.device)
-        if state is not None:
-            self._restore(state)
+        if checkpoint is not None:
+            self._restore(self._load_state(checkpoint))
         else:
             self._initialise()
-        if self.folder is not None:
-            self.folder.start(cfg.to_dict(), None if state is None else self.step)
+        if self.folder is not None and self.lead:
+            self.folder.start(cfg.to_dict(), None if info is None else self.step)
         self._saved_step = self.step
 
     @property
@@ -182,14 +212,46 @@ class Trainer:
             self.scale = float((self.model.d_in / x.pow(2).sum(-1).mean()).sqrt())
         x = x * self.scale
         if self.pretrained is not None:
-            self.model.load_raw(self.pretrained, self.scale)
+            self.model.load_raw(self._local(self.pretrained), self.scale)
             self.pretrained = None
         else:
-            self.model.init_tied(cfg.sae.threshold_init, torch.Generator().manual_seed(cfg.run.seed))
+            generator = torch.Generator().manual_seed(cfg.run.seed)
+            self.model.init_tied(cfg.sae.threshold_init, generator, first_latent=self.slice.start)
             if cfg.sae.b_dec_init == "mean":
                 self.model.b_dec.copy_(x.mean(0))
             if cfg.sae.init_l0 is not None:
-                self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=THRESHOLD_FLOOR)
+                self.model.init_thresholds_for_l0(x, cfg.sae.init_l0, floor=THRESHOLD_FLOOR, total_latents=self.d_sae)
+
+    def _local(self, whole: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's slice of whole-SAE tensors keyed by parameter name (b_dec and others unchanged)."""
+        sl = self.slice
+        return {k: v.narrow(LATENT_DIM[k], sl.start, sl.size) if k in LATENT_DIM else v for k, v in whole.items()}
+
+    def _load_state(self, checkpoint: Path) -> ckpt.TrainingState:
+        """The training state of `checkpoint` as this rank's tensors: its slice of the latent-indexed ones."""
+        state = ckpt.load_training_state(checkpoint)
+        if not self.sharded:
+            return state
+        return ckpt.TrainingState(state.info, self._local_state(state.tensors))
+
+    def _local_state(self, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        """This rank's slice of a whole SAE's training-state tensors: parameters, Adam moments (the sparse step's
+        LazyAdam state converted to Adam's first, exactly) and the dead-latent counters."""
+        from sae.sparse_step import adam_state_from_lazy
+        from sae.steps import DENSE_PREFIX, saved_optimizer_state
+
+        adam, lazy = saved_optimizer_state(tensors)
+        if lazy:
+            adam = adam_state_from_lazy(lazy)
+        sl = self.slice
+        out = {k: v for k, v in tensors.items() if not k.startswith(("param.", "optim.", "lazy_adam."))}
+        out["tokens_since_fired"] = tensors["tokens_since_fired"][sl.start : sl.stop]
+        out.update({f"param.{k}": v for k, v in self._local({n: tensors[f"param.{n}"] for n in PARAM_NAMES}).items()})
+        for name, moments in adam.items():
+            for moment, value in moments.items():
+                local = value if moment == "step" or name not in LATENT_DIM else self._local({name: value})[name]
+                out[f"{DENSE_PREFIX}{name}.{moment}"] = local
+        return out
 
     def _restore(self, state: ckpt.TrainingState) -> None:
         info, tensors = state
@@ -248,6 +310,7 @@ class Trainer:
             lr,
             coefficient,
             out.encode_reruns,
+            float(out.communicated_bytes),
         )
 
     def _track_fires(self, indices: Tensor, values: Tensor) -> None:
@@ -259,8 +322,14 @@ class Trainer:
         return min(self.cfg.run.dead_window_tokens, self.tokens)
 
     def dead_fraction(self) -> float:
+        """Of all the SAE's latents (over every rank: a collective when sharded, called at the same step by all)."""
         window = self.dead_window()
-        return float((self.tokens_since_fired >= window).float().mean()) if window > 0 else 0.0
+        if window <= 0:
+            return 0.0
+        dead = (self.tokens_since_fired >= window).sum().to(torch.float64)
+        if self.sharded:
+            self.mesh.all_reduce_sum_(dead, "dead_latents")
+        return float(dead) / self.d_sae
 
     # -- the loop ----------------------------------------------------------------------------------
 
@@ -269,7 +338,11 @@ class Trainer:
         stops the run with `TrainingHealthError` (or skips the batch, per --on-nonfinite); warnings (an
         exploding loss) are printed above the bar and logged."""
         bar = tqdm(
-            total=self.cfg.run.steps, initial=self.step, unit="step", disable=not self.progress, dynamic_ncols=True
+            total=self.cfg.run.steps,
+            initial=self.step,
+            unit="step",
+            disable=not (self.progress and self.lead),
+            dynamic_ncols=True,
         )
         try:
             while not self.done:
@@ -339,7 +412,12 @@ class Trainer:
         self._stop(self.step + 1, bad.quantity + note, bad.value)
 
     def _check_parameters(self) -> None:
+        """Stop when a parameter is not finite: on every rank when any rank's slice has one (a collective)."""
         bad = non_finite_parameters({name: getattr(self.model, name) for name in PARAM_NAMES})
+        if self.sharded:
+            ranks_bad = torch.tensor([float(bool(bad))], device=self.device)
+            if float(self.mesh.all_reduce_sum_(ranks_bad, "health")) > 0 and not bad:
+                bad = ["of another rank's latent slice"]
         if bad:
             self._stop(self.step, f"parameter {', '.join(bad)}", float("nan"))
 
@@ -384,12 +462,14 @@ class Trainer:
             wait_fraction=self._wait_s / elapsed,
             skipped_batches=self.skipped_batches,
         )
+        if self.sharded:
+            record["world_size"] = self.mesh.world
         source_stats = getattr(self.batches.source, "stats", None)  # the harvester's counts, if the source has them
         if callable(source_stats):
             record.update(source_stats())
         if self._loss_watch.exploding:
             record["warning"] = "loss exploding"
-        if self.folder is not None:
+        if self.folder is not None and self.lead:
             self.folder.log(record)
         self.last_logged = record
 
@@ -400,6 +480,8 @@ class Trainer:
         if self.folder is None:
             raise RuntimeError("this Trainer was built with write=False: it keeps no run folder to save into")
         self._check_parameters()
+        if self.sharded:
+            return self._save_sharded()
         self._saved_step = self.step
         model = self.model
         state_tensors = {
@@ -433,6 +515,9 @@ class Trainer:
             state_tensors,
             self.cfg.run.keep_checkpoints,
         )
+
+    def _save_sharded(self) -> Path:
+        raise NotImplementedError("checkpoints of a latent-sharded run are not wired yet (issue 14)")
 
     def summary(self) -> TrainSummary:
         """The run so far; L0 and explained variance are means over the last log interval."""

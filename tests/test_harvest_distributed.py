@@ -92,8 +92,12 @@ def test_harvester_shards_itself_under_torchrun(tiny_model, text_file, monkeypat
         next(iter(explicit))
         explicit.close()
     assert not [w for w in recwarn.list if "share of the data" in str(w.message)]
-    with pytest.raises(HarvestError, match="load harvest.gather.restore_data_position"):
-        explicit.load_state_dict({"world": 2, "ranks": [explicit.state_dict()] * 2})
+    # A data-parallel position: this rank (1 of 2) continues from its own part of it, not rank 0's.
+    mine = explicit.state_dict()
+    explicit.load_state_dict({"world": 2, "ranks": [{**mine, "batch": mine["batch"] + 1}, mine]})
+    assert explicit.state_dict() == mine
+    explicit.load_state_dict({"world": 2, "ranks": [mine, {**mine, "batch": mine["batch"] + 1}]})
+    assert explicit.state_dict() == {**mine, "batch": mine["batch"] + 1}
 
 
 def test_gathering_needs_a_process_group():

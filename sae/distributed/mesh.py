@@ -34,6 +34,11 @@ DEFAULT_TIMEOUT_S = 300.0  # long enough for a slow first step or a checkpoint w
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (its environment names a rank and a world size)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
 class CollectiveError(RuntimeError):
     """A collective failed or timed out: another rank probably died or stalled (the message says what to do)."""
 
