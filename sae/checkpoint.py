@@ -35,6 +35,7 @@ CFG_FILE = "cfg.json"
 STATE_TENSORS_FILE = "training_state.safetensors"
 STATE_JSON_FILE = "training_state.json"
 LATEST_FILE = "latest"
+SHARDED_STATE_DIR = "sharded_state"  # a latent-sharded run's training state (sae/distributed/checkpoint.py)
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -124,20 +125,25 @@ def write_checkpoint(
                 else "no earlier checkpoint exists"
             )
         ) from err
+    publish_checkpoint(checkpoints_dir, tmp, final, keep)
+    return final
+
+
+def publish_checkpoint(checkpoints_dir: Path, tmp: Path, final: Path, keep: int) -> None:
+    """Rename the finished folder `tmp` to `final`, point `latest` at it, prune to the newest `keep`."""
     if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save): swap, then drop the old
-        old = checkpoints_dir / f".old-{name}-{os.getpid()}"
+        old = checkpoints_dir / f".old-{final.name}-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old)
     else:
         tmp.rename(final)
     latest_tmp = checkpoints_dir / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(name + "\n")
+    latest_tmp.write_text(final.name + "\n")
     os.replace(latest_tmp, checkpoints_dir / LATEST_FILE)
     _fsync_dir(checkpoints_dir)
     for stale in sorted(_step_dirs(checkpoints_dir))[:-keep]:
         shutil.rmtree(stale[1])
-    return final
 
 
 def _step_dirs(checkpoints_dir: Path) -> list[tuple[int, Path]]:
@@ -278,7 +284,13 @@ def _check_tensors_file(path: Path) -> None:
 
 def check_resumable(folder: Path) -> None:
     """Raise CheckpointError if `folder`'s training state cannot be read (cheap: JSON and file headers)."""
-    load_training_info(folder)
+    info = load_training_info(folder)
+    if info.get("sharded"):  # a latent-sharded run's state: DCP's files (sae/distributed/checkpoint.py)
+        if not (folder / SHARDED_STATE_DIR / ".metadata").is_file():
+            raise CheckpointError(
+                f"checkpoint is incomplete: {folder / SHARDED_STATE_DIR} has no .metadata (the save did not finish)"
+            )
+        return
     _check_tensors_file(folder / STATE_TENSORS_FILE)
 
 

@@ -229,6 +229,10 @@ class Trainer:
 
     def _load_state(self, checkpoint: Path) -> ckpt.TrainingState:
         """The training state of `checkpoint` as this rank's tensors: its slice of the latent-indexed ones."""
+        from sae.distributed.checkpoint import is_sharded, load_sharded
+
+        if is_sharded(checkpoint):  # saved by a latent-sharded run: DCP reshards it onto this run's ranks
+            return load_sharded(checkpoint, self.mesh, self.slice)
         state = ckpt.load_training_state(checkpoint)
         if not self.sharded:
             return state
@@ -275,7 +279,8 @@ class Trainer:
                 getattr(self.model, name).copy_(tensors[f"param.{name}"])
         self.stepper.load_state_dict(tensors)
         self.tokens_since_fired.copy_(tensors["tokens_since_fired"])
-        ckpt.restore_rng(tensors)
+        if "rng.torch" in tensors:  # absent when a sharded state is resumed on another number of ranks
+            ckpt.restore_rng(tensors)
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
         self.skipped_batches = int(info.get("skipped_batches", 0))
         self.data_position = info.get("data_position")
@@ -490,34 +495,61 @@ class Trainer:
             "tokens_since_fired": self.tokens_since_fired,
             **ckpt.rng_state(),
         }
-        state_info = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "scale": self.scale,
-            "d_in": model.d_in,
-            "d_sae": model.d_sae,
-            "data_position": self.data_position,
-            "config": self.cfg.to_dict(),
-            "skipped_batches": self.skipped_batches,
-        }
-        extra = {
-            "step": self.step,
-            "tokens": self.tokens,
-            "folded_activation_scale": self.scale,
-            "bandwidth": model.bandwidth,
-            "sparsity": dataclasses.asdict(self.cfg.objective),
-        }
         return self.folder.save_checkpoint(
             self.step,
             model.export_raw(self.scale),
-            ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, extra),
-            state_info,
+            ckpt.sae_cfg(model.d_in, model.d_sae, self.metadata, self._cfg_extra()),
+            self._state_info(self.data_position),
             state_tensors,
             self.cfg.run.keep_checkpoints,
         )
 
     def _save_sharded(self) -> Path:
-        raise NotImplementedError("checkpoints of a latent-sharded run are not wired yet (issue 14)")
+        """Every rank writes its shard of the training state (DCP); rank 0 writes the whole export from blocks."""
+        from sae.distributed.checkpoint import save_sharded
+
+        if self.folder is None:
+            raise RuntimeError("this Trainer was built with write=False: it keeps no run folder to save into")
+        self._saved_step = self.step
+        ranks = self.mesh.all_gather_object(self.data_position, "data_position")
+        position = None if all(p is None for p in ranks) else {"world": self.mesh.world, "ranks": ranks}
+        model = self.model
+        state = {
+            **{f"param.{name}": getattr(model, name).detach() for name in PARAM_NAMES},
+            **self.stepper.state_dict(),
+            "tokens_since_fired": self.tokens_since_fired,
+        }
+        return save_sharded(
+            self.folder.path / "checkpoints",
+            self.step,
+            self.mesh,
+            state,
+            ckpt.rng_state(),
+            {**self._state_info(position), "sharded": {"world": self.mesh.world}},
+            (model.export_raw(self.scale), ckpt.sae_cfg(model.d_in, self.d_sae, self.metadata, self._cfg_extra())),
+            self.cfg.run.keep_checkpoints,
+        )
+
+    def _state_info(self, data_position: Any) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "scale": self.scale,
+            "d_in": self.model.d_in,
+            "d_sae": self.d_sae,
+            "data_position": data_position,
+            "config": self.cfg.to_dict(),
+            "skipped_batches": self.skipped_batches,
+        }
+
+    def _cfg_extra(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "folded_activation_scale": self.scale,
+            "bandwidth": self.model.bandwidth,
+            "sparsity": dataclasses.asdict(self.cfg.objective),
+        }
 
     def summary(self) -> TrainSummary:
         """The run so far; L0 and explained variance are means over the last log interval."""

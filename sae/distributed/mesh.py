@@ -117,6 +117,11 @@ class Mesh:
             self._run("all_reduce", tag, t.numel() * t.element_size(), lambda: dist.all_reduce(t, group=self.group))
         return t
 
+    def barrier(self, tag: str = "") -> None:
+        """Wait until every rank gets here (with the mesh's timeout, as `CollectiveError`)."""
+        if self.world > 1:
+            self._run("barrier", tag, 0, lambda: dist.barrier(group=self.group))
+
     def all_gather(self, t: Tensor, tag: str = "") -> list[Tensor]:
         """Every rank's `t` (same shape and dtype on every rank), by rank."""
         if self.world == 1:
