@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from sae.config import ObjectiveConfig, OptimConfig, RunConfig, SAEConfig, TrainConfig
+from sae.distributed import checkpoint as sharded_checkpoint
 from sae.distributed.mesh import Mesh
 from sae.trainer import Trainer
 from tests.synthetic import SyntheticActivations
@@ -63,6 +64,7 @@ def main() -> None:
     out_dir, steps = Path(sys.argv[1]), int(sys.argv[2])
     resume = sys.argv[3] if len(sys.argv) > 3 and sys.argv[3] != "-" else None
     kill_at = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    sharded_checkpoint._EXPORT_BLOCK_BYTES = 3 * 4 * D_IN  # the export streams W_enc, W_dec in blocks of 3 rows
     mesh = Mesh.from_env(timeout_s=60)
     trainer = Trainer(config(out_dir, steps), source(), resume=resume, progress=False, mesh=mesh)
     figures = []

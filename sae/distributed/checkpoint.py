@@ -241,12 +241,13 @@ def export_whole(
     weights: dict[str, Tensor],
     cfg: dict[str, Any],
     d_sae: int,
-    block_bytes: int = _EXPORT_BLOCK_BYTES,
+    block_bytes: int | None = None,
 ) -> None:
     """Write `folder`/sae_weights.safetensors and cfg.json of the whole SAE from every rank's slice `weights`
     (raw space, SAE.export_raw of the slice): a collective. Rank 0 writes the file tensor by tensor, receiving
-    each rank's part in blocks of about `block_bytes`, so no rank holds the whole SAE. The file is a plain
-    safetensors file, tensor for tensor equal to the one-process export."""
+    each rank's part in blocks of about `block_bytes` (default 64 MiB), so no rank holds the whole SAE. The file
+    is a plain safetensors file, tensor for tensor equal to the one-process export."""
+    block_bytes = block_bytes or _EXPORT_BLOCK_BYTES
     slices = [latent_slice(d_sae, mesh.world, r) for r in range(mesh.world)]
     d_in = weights["b_dec"].shape[0]
     dtype = weights["W_enc"].dtype
@@ -276,17 +277,17 @@ def export_whole(
     try:
         # W_enc [D, F] is split by columns: row blocks, each assembled from every rank's columns.
         for start, stop in _blocks(d_in, d_sae * itemsize, block_bytes):
-            parts = _gather_to_lead(mesh, weights["W_enc"][start:stop].contiguous(), slices, dim=1)
+            parts = _gather_to_lead(mesh, weights["W_enc"][start:stop], slices, dim=1)
             if fh is not None:
                 fh.write(_bytes(torch.cat(parts, dim=1)))
-        for name in ("W_dec", "b_enc", "threshold"):  # split by rows: rank by rank, in blocks
+        for name in ("W_dec", "b_enc", "threshold"):  # split by rows: rank after rank, each in blocks
             local = weights[name]
-            widest = max(s.size for s in slices)
             row_bytes = itemsize * (local[0].numel() if local.dim() > 1 else 1)
-            for start, stop in _blocks(widest, row_bytes, block_bytes):
-                block = local[min(start, local.shape[0]) : min(stop, local.shape[0])].contiguous()
-                for part in _gather_to_lead(mesh, block, slices, dim=0, rows=(start, stop)):
-                    if fh is not None and part.numel():
+            for r, sl in enumerate(slices):
+                for begin, stop in _blocks(sl.size, row_bytes, block_bytes):
+                    rows = (stop - begin, *local.shape[1:])
+                    part = _send_to_lead(mesh, r, local[begin:stop] if mesh.rank == r else None, rows, local.dtype)
+                    if fh is not None:
                         fh.write(_bytes(part))
         if fh is not None:
             fh.write(_bytes(weights["b_dec"]))
@@ -304,34 +305,29 @@ def _bytes(t: Tensor) -> bytes:
     return t.view(torch.uint8).numpy().tobytes() if t.dtype == torch.bfloat16 else t.numpy().tobytes()
 
 
-def _gather_to_lead(
-    mesh: Mesh, block: Tensor, slices: list[LatentSlice], dim: int, rows: tuple[int, int] | None = None
-) -> list[Tensor]:
-    """Every rank's `block` on rank 0, in rank order (others get []). dim 1: the blocks have the same rows and
-    rank r's slice's columns; dim 0 with rows=(start, stop): rank r's rows [start, stop) of its slice (fewer
-    or none past its end)."""
-    if mesh.world == 1:
-        return [block]
+def _gather_to_lead(mesh: Mesh, block: Tensor, slices: list[LatentSlice], dim: int) -> list[Tensor]:
+    """Every rank's `block` (the same rows, its slice's columns) on rank 0, in rank order; others get []."""
+    shape = list(block.shape)
     parts = []
-    for r, s in enumerate(slices):
-        shape = list(block.shape)
-        if dim == 1:
-            shape[1] = s.size
-        else:
-            start, stop = rows
-            shape[0] = max(0, min(stop, s.size) - min(start, s.size))
-        if r == 0:
-            part = block if mesh.rank == 0 else None
-        elif mesh.rank == r:
-            if block.numel():
-                dist.send(block, dst=dist.get_global_rank(mesh.group, 0), group=mesh.group)
-            part = None
-        elif mesh.rank == 0:
-            part = torch.empty(shape, dtype=block.dtype, device=block.device)
-            if part.numel():
-                dist.recv(part, src=dist.get_global_rank(mesh.group, r), group=mesh.group)
-        else:
-            part = None
+    for r, sl in enumerate(slices):
+        shape[dim] = sl.size
+        part = _send_to_lead(mesh, r, block if mesh.rank == r else None, tuple(shape), block.dtype)
         if mesh.rank == 0:
             parts.append(part)
     return parts
+
+
+def _send_to_lead(
+    mesh: Mesh, source: int, block: Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
+) -> Tensor | None:
+    """Rank `source`'s `block` (of `shape`) on rank 0 (None on the others): point to point, nothing to the rest."""
+    if source == 0:
+        return block.contiguous() if mesh.rank == 0 else None
+    if mesh.rank == source:
+        dist.send(block.contiguous(), dst=dist.get_global_rank(mesh.group, 0), group=mesh.group)
+        return None
+    if mesh.rank != 0:
+        return None
+    part = torch.empty(shape, dtype=dtype, device=mesh.device)
+    dist.recv(part, src=dist.get_global_rank(mesh.group, source), group=mesh.group)
+    return part
