@@ -6,6 +6,10 @@ repetitions, median and IQR) and reported in tokens/s, TFLOP/s, GB/s, as a fract
 roofline (matmul rate and copy bandwidth measured at start-up), as a speed-up over the dense reference and
 over torch.compile of it, with its peak device memory.
 
+Under torchrun (`torchrun --nproc-per-node N -m bench [--case 'sharded-step/SIZE'] [--json PATH]`): the latent-sharded
+training step over the N ranks against the one-process step, tokens/s and bytes communicated per step, and what
+8 H100s with NVLink should do (bench/distributed.py).
+
 Without flags: the full profile of the device (CUDA: the offline size and d_sae 16k to 1M at d_in 2304,
 batch 4096, the training step also in bf16 (triton-bf16, reference-bf16, compile-bf16), plus the harvester on
 a Gemma-2-2B-shaped model; CPU: the offline size and the offline default's harvester, Triton kernels checked
@@ -140,6 +144,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    from sae.distributed.mesh import launched_by_torchrun
+
+    if launched_by_torchrun():  # torchrun --nproc-per-node N -m bench: the latent-sharded step (bench/distributed.py)
+        from bench import distributed
+
+        try:
+            return distributed.main(args.case, args.json, args.quick)
+        except ValueError as e:
+            report.err(f"error: {e}")
+            return 2
     if args.list:
         print(report.listing(all_cases()))
         return 0
