@@ -45,9 +45,14 @@ class GatheredBatches:
     per batch: the traffic of the gather, which a bandwidth figure divides.
     """
 
-    def __init__(self, source: Iterable[torch.Tensor], group: dist.ProcessGroup | None = None):
+    def __init__(
+        self, source: Iterable[torch.Tensor], group: dist.ProcessGroup | None = None, every_rank_position: bool = False
+    ):
+        """every_rank_position: state_dict() returns data_position of every rank (a collective: the ranks must
+        ask in lockstep, as they iterate), so whichever rank saves a checkpoint holds the whole run's position
+        (a sweep whose members live on different ranks)."""
         _require_process_group("GatheredBatches")
-        self.source, self.group = source, group
+        self.source, self.group, self.every_rank_position = source, group, every_rank_position
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
         shard = getattr(source, "shard", None)
         if shard is not None and (shard.rank, shard.world) != (self.rank, self.world):
@@ -74,7 +79,8 @@ class GatheredBatches:
         return {**(source_stats() if callable(source_stats) else {}), "bytes_gathered": self.bytes_gathered}
 
     def state_dict(self) -> dict:
-        return self.source.state_dict()  # type: ignore[attr-defined]
+        local = self.source.state_dict()  # type: ignore[attr-defined]
+        return data_position(local, self.group) if self.every_rank_position else local
 
     def load_state_dict(self, state: dict) -> None:
         self.source.load_state_dict(state)  # type: ignore[attr-defined]

@@ -86,6 +86,15 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     sweep.add_argument(
+        "--placement",
+        choices=("members", "latents"),
+        default=None,
+        help="under torchrun: 'members' trains each SAE whole on one rank (member k on rank k %% N; needs at "
+        "least N members), 'latents' splits every SAE's latents over all N ranks; either way each rank harvests "
+        "its share of the documents and every SAE trains on the gathered batch (default: members, or the "
+        "resumed sweep's)",
+    )
+    sweep.add_argument(
         "--grid",
         action="append",
         default=[],
@@ -201,34 +210,50 @@ def train(args: argparse.Namespace) -> int:
 
 
 def sweep(args: argparse.Namespace) -> int:
+    from sae.distributed.mesh import Mesh, launched_by_torchrun
     from sae.sweep import Sweep, parse_grid
 
     overrides = given_flags(args, TrainConfig)
+    placement = args.placement
     if args.resume is not None:
         base, saved_grid = Sweep.load_spec(args.resume)
         if args.grid:
             raise ConfigError("--grid cannot change on --resume: the sweep keeps the grid in its sweep.json")
         grid = saved_grid
+        placement = placement or Sweep.load_placement(args.resume)
     else:
         base, grid = None, parse_grid(args.grid)
         overrides.setdefault("run", {}).setdefault("out_dir", "runs/sweep")
     cfg = build_config(TrainConfig, overrides, base)
-    run = Sweep(cfg, grid, resume=args.resume is not None, progress=not args.no_progress)
-    print(
-        f"saekit sweep: {len(run.trainers)} SAEs from one harvest of {cfg.model.model} layers "
-        f"{sorted(run.harvester.layers)}; {run.harvester.describe()}"
-    )
+    mesh = Mesh.from_env(timeout_s=cfg.run.collective_timeout_s) if launched_by_torchrun() else None
+    say = print if mesh is None or mesh.rank == 0 else (lambda *a, **k: None)
     try:
+        run = Sweep(
+            cfg, grid, resume=args.resume is not None, progress=not args.no_progress, mesh=mesh,
+            placement=placement or "members",
+        )  # fmt: skip
+        ranks = f", {run.placement} placed over {mesh.world} ranks" if mesh is not None and mesh.world > 1 else ""
+        say(
+            f"saekit sweep: {len(run.trainers)} SAEs from one harvest of {cfg.model.model} layers "
+            f"{sorted(run.harvester.layers)}{ranks}; {run.harvester.describe()}"
+        )
         summaries = run.fit()
     except KeyboardInterrupt:
         return 130
-    done = next(s for (name, _), s in zip(run.members, summaries) if name not in run.stopped)
-    print(f"\ndone: {done.step} steps, {done.tokens:,} tokens each")
-    for (name, _), summary in zip(run.members, summaries):
+    finally:
+        if mesh is not None:
+            mesh.close()
+    done = next((s for (name, _), s in zip(run.members, summaries) if s is not None), None)
+    if done is not None:
+        say(f"\ndone: {done.step} steps, {done.tokens:,} tokens each")
+    for k, ((name, _), summary) in enumerate(zip(run.members, summaries)):
         if name in run.stopped:
-            print(f"  {name:<40} stopped (not resumed; its last good checkpoint is kept): see sweep.json")
+            say(f"  {name:<40} stopped (not resumed; its last good checkpoint is kept): see sweep.json")
             continue
-        print(
+        if summary is None:
+            say(f"  {name:<40} trained on rank {k % mesh.world}: {Path(cfg.run.out_dir) / name}")
+            continue
+        say(
             f"  {name:<40} L0 {summary.l0:6.1f}  EV {summary.explained_variance:.3f}  "
             f"dead {summary.dead_fraction:.1%}  {summary.checkpoint}"
         )
