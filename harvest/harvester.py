@@ -148,7 +148,7 @@ class Harvester:
         """Continue from a position: this harvester's own state, or a data-parallel run's {"world", "ranks"}
         (harvest.gather.data_position), of which this rank takes its part by restore_data_position's policy
         (exact on as many ranks as saved it; otherwise the earliest unfinished position, with a warning)."""
-        if set(state) == {"world", "ranks"} or self.shard.world > 1:
+        if set(state) == {"world", "ranks"}:
             from .gather import restore_data_position
 
             state = restore_data_position(state, self.shard.rank, self.shard.world)

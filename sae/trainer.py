@@ -284,6 +284,9 @@ class Trainer:
         self.step, self.tokens, self.scale = int(info["step"]), int(info["tokens"]), float(info["scale"])
         self.skipped_batches = int(info.get("skipped_batches", 0))
         self.data_position = info.get("data_position")
+        if self.sharded and isinstance(self.data_position, dict) and set(self.data_position) != {"world", "ranks"}:
+            # one process's position, resumed on several ranks: the source deals it out (harvest.gather)
+            self.data_position = {"world": 1, "ranks": [self.data_position]}
         if self.data_position is not None:
             self.batches.load_state_dict(self.data_position)
         elif self.step > 0:

@@ -130,9 +130,12 @@ def test_an_incomplete_sharded_checkpoint_is_refused(runs, tmp_path):
         ckpt.resume_checkpoint(broken)
 
 
-def test_a_world_that_cannot_split_the_latents_is_refused_before_any_work(monkeypatch, tmp_path):
-    """10 latents over 6 ranks: ceil(10 / 6) = 2 per rank leaves the last rank none."""
+def test_a_world_that_cannot_split_the_latents_is_refused_before_any_work(runs, monkeypatch, tmp_path):
+    """10 latents over 6 ranks: ceil(10 / 6) = 2 per rank leaves the last rank none; a new run and a 2-rank
+    checkpoint resumed on 6 ranks (resharding impossible) are refused alike, naming widths that work."""
+    root, _ = runs
     monkeypatch.setattr("sae.trainer.check_same_config", lambda mesh, cfg: None)  # no peers to compare with
     six = Mesh(0, 6, None, torch.device("cpu"), 1.0)
-    with pytest.raises(ConfigError, match="d_sae 10 cannot be split over 6 ranks"):
-        Trainer(config(tmp_path / "six", STEPS), source(), progress=False, mesh=six)
+    for resume in (None, step(root / "two", 3)):
+        with pytest.raises(ConfigError, match="d_sae 10 cannot be split over 6 ranks: .* or fewer ranks"):
+            Trainer(config(tmp_path / "six", STEPS), source(), resume=resume, progress=False, mesh=six)
