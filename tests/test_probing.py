@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from kernels import reference
 from sae.errors import ConfigError
 from sae.evaluation.concept_removal import concept_removal
+from sae.evaluation.labelled import load_task
 from sae.evaluation.probes import fit_probe, predict, worst_group_accuracy
 from sae.evaluation.sparse_probing import k_sparse_probing, mean_difference_scores, top_latents
 
@@ -112,3 +115,45 @@ def test_concept_removal_refuses_impossible_requests():
     x, y, s = train
     with pytest.raises(ConfigError, match="two values of the spurious attribute"):
         concept_removal(lambda x: x, torch.eye(8), (x, y, torch.zeros_like(s)), test)
+
+
+def test_icd10_tasks_are_balanced_deterministic_and_correlated_only_in_training():
+    chapters = load_task("icd10-chapters", per_class=30, seed=1)
+    assert torch.bincount(chapters.train.labels).tolist() == [30] * 5 == torch.bincount(chapters.test.labels).tolist()
+    assert not set(chapters.train.texts) & set(chapters.test.texts)
+    assert load_task("icd10-chapters", per_class=30, seed=1).train.texts == chapters.train.texts
+    task = load_task("icd10-encounter", per_class=40, seed=0)
+    train, test = task.train, task.test
+    agree = float((train.labels == train.spurious).double().mean())
+    assert 0.9 <= agree <= 0.97  # the shortcut the probe can take in training
+    groups = torch.bincount(2 * test.labels + test.spurious).tolist()
+    assert groups == [40, 40, 40, 40]  # every label x encounter group alike in test
+    for text, s in zip(test.texts, test.spurious.tolist()):
+        assert text.endswith(("initial encounter", "subsequent encounter")[s])
+
+
+def test_bias_in_bios_loads_from_a_local_copy_in_the_hubs_format(tmp_path):
+    rng = torch.Generator().manual_seed(0)
+    for split in ("train", "test"):
+        genders = torch.randint(0, 2, (120,), generator=rng).tolist()
+        rows = [
+            {"hard_text": f"{split} bio {i} of a {p}", "profession": p, "gender": genders[i]}
+            for i, p in enumerate([21, 13, 4] * 40)
+        ]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(f"bias-in-bios:{tmp_path}", per_class=4)
+    assert task.label_names == ["professor", "nurse"] and task.spurious_name == "gender"
+    assert all(" 4" not in t.split("of a")[1] for t in task.train.texts)  # profession 4 (comedian) left out
+    assert torch.bincount(2 * task.test.labels + task.test.spurious).tolist() == [4, 4, 4, 4]
+    (tmp_path / "test.jsonl").unlink()
+    with pytest.raises(ConfigError, match="test.jsonl"):
+        load_task(f"bias-in-bios:{tmp_path}")
+
+
+def test_a_task_whose_labels_are_missing_is_refused(tmp_path):
+    path = tmp_path / "notes.jsonl"
+    path.write_text(json.dumps({"text": "a", "label": "x"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(ConfigError, match="row 2 has no label .* --label-field"):
+        load_task(str(path))
+    with pytest.raises(ConfigError, match="unknown labelled task 'no-such-task'"):
+        load_task("no-such-task")
