@@ -9,7 +9,7 @@ import torch
 
 from kernels import reference
 from sae.errors import ConfigError
-from sae.evaluation.concept_removal import concept_removal
+from sae.evaluation.concept_removal import LabelledActivations, concept_removal
 from sae.evaluation.labelled import load_task
 from sae.evaluation.probes import fit_probe, predict, worst_group_accuracy
 from sae.evaluation.sparse_probing import k_sparse_probing, mean_difference_scores, top_latents
@@ -94,7 +94,8 @@ def test_concept_removal_finds_the_planted_spurious_latent_and_restores_worst_gr
         return reference.encode(x, eye, torch.zeros(8), torch.zeros(8), threshold, 1e-3).acts
 
     train, test = planted(2000, True, g), planted(2000, False, g)
-    result = concept_removal(encode, eye, train, test, n_latents=1, random_draws=4, seed=0)
+    split = lambda x, y, s: LabelledActivations(x, encode(x), y, s)  # noqa: E731
+    result = concept_removal(eye, split(*train), split(*test), n_latents=1, random_draws=4, seed=0)
     assert result["ablated"] == [1]  # the attribute's latent, by the mean-difference criterion
     before, after, random = result["before"], result["after"], result["random"]
     assert before["worst_group"] < 0.3  # the probe took the shortcut: the groups where attribute != label fail
@@ -109,12 +110,12 @@ def test_concept_removal_finds_the_planted_spurious_latent_and_restores_worst_gr
 
 def test_concept_removal_refuses_impossible_requests():
     g = torch.Generator().manual_seed(1)
-    train, test = planted(100, True, g), planted(100, False, g)
+    (x, y, s), (xt, yt, st) = planted(100, True, g), planted(100, False, g)
+    train, test = LabelledActivations(x, x, y, s), LabelledActivations(xt, xt, yt, st)
     with pytest.raises(ConfigError, match="ablate 9 latents but the SAE has 8"):
-        concept_removal(lambda x: x, torch.eye(8), train, test, n_latents=9)
-    x, y, s = train
+        concept_removal(torch.eye(8), train, test, n_latents=9)
     with pytest.raises(ConfigError, match="two values of the spurious attribute"):
-        concept_removal(lambda x: x, torch.eye(8), (x, y, torch.zeros_like(s)), test)
+        concept_removal(torch.eye(8), train._replace(spurious=torch.zeros_like(s)), test)
 
 
 def test_icd10_tasks_are_balanced_deterministic_and_correlated_only_in_training():

@@ -16,7 +16,7 @@ does the probe stop leaning on the attribute?
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,23 +26,32 @@ from sae.evaluation.probes import accuracy, fit_probe, predict, worst_group_accu
 from sae.evaluation.sparse_probing import top_latents
 
 
+class LabelledActivations(NamedTuple):
+    """One split: activations [N, D], the SAE's latent activations of them [N, F], the target labels [N] (0/1)
+    and the spurious attribute [N] (0/1). For texts, x and latents are both means over a text's tokens: the
+    decoder is linear, so removing the pooled latents' contribution from the pooled x is the pooled ablation."""
+
+    x: Tensor
+    latents: Tensor
+    labels: Tensor
+    spurious: Tensor
+
+
 def ablate(x: Tensor, acts: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
     """x [N, D] with the decoder contribution of `latents` (their activations acts [N, F]) removed."""
     return x - acts[:, latents] @ W_dec[latents]
 
 
 def concept_removal(
-    encode: Callable[[Tensor], Tensor],
     W_dec: Tensor,
-    train: tuple[Tensor, Tensor, Tensor],
-    test: tuple[Tensor, Tensor, Tensor],
+    train: LabelledActivations,
+    test: LabelledActivations,
     n_latents: int = 1,
     random_draws: int = 5,
     seed: int = 0,
 ) -> dict:
-    """train, test: (activations [N, D], target labels [N] in 0/1, spurious attribute [N] in 0/1).
-    encode: activations -> SAE latent activations [N, F]. Returns the report's figures."""
-    (x_tr, y_tr, s_tr), (x_te, y_te, s_te) = train, test
+    """The report's figures for one SAE (decoder W_dec [F, D]) on a task's train and test splits."""
+    (x_tr, acts_tr, y_tr, s_tr), (x_te, acts_te, y_te, s_te) = train, test
     d_sae = W_dec.shape[0]
     if not 0 < n_latents <= d_sae:
         raise ConfigError(f"asked to ablate {n_latents} latents but the SAE has {d_sae}; use 1 to {d_sae}")
@@ -50,7 +59,6 @@ def concept_removal(
         if len(torch.unique(t)) != 2:
             raise ConfigError(f"concept removal needs two values of the {name} in the training split")
     groups = 2 * y_te.long() + s_te.long()
-    acts_tr, acts_te = encode(x_tr), encode(x_te)
     spurious = top_latents(acts_tr, s_tr, n_latents)
 
     def measure(latents: Tensor | None) -> dict[str, float]:
