@@ -215,3 +215,30 @@ def test_train_and_eval_on_the_medical_qa_preset_from_a_local_mirror(tiny_model,
         == 0
     )
     assert json.loads((out / "report.json").read_text())["dataset"] == "medical-qa"
+
+
+def test_eval_adds_k_sparse_probing_and_concept_removal_on_the_offline_tasks(tiny_model, text_file, tmp_path):
+    """End to end on the tiny model: icd10-chapters and icd10-encounter texts through the LM and the SAE, into
+    report.json and report.md (the tiny model's figures mean nothing; the path and the shapes are checked)."""
+    assert main(["train", *live_flags(tiny_model, text_file, steps=4), "--out-dir", str(tmp_path / "a")]) == 0
+    out = tmp_path / "eval"
+    args = ["eval", str(tmp_path / "a"), "--heldout-examples", "12", "--eval-tokens", "40", "--splice-rows", "0",
+            "--eval-device", "cpu", "--sparse-probing", "icd10-chapters", "--concept-removal", "icd10-encounter",
+            "--probe-texts", "12", "--removal-latents", "2", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    (result,) = json.loads((out / "report.json").read_text())["saes"].values()
+    probing, removal = result["sparse_probing"], result["concept_removal"]
+    assert probing["task"] == "icd10-chapters" and sorted(map(int, probing["k"])) == [1, 2, 5, 10, 20, 50]
+    assert all(0.0 <= acc <= 1.0 for acc in [*probing["k"].values(), probing["dense"]])
+    assert probing["train_texts"] == probing["test_texts"] == 5 * 12
+    assert removal["spurious"] == "encounter" and len(removal["ablated"]) == 2
+    assert 0.0 <= removal["after"]["worst_group"] <= 1.0
+    md = (out / "report.md").read_text()
+    assert "k-sparse probing on icd10-chapters" in md and "concept removal on icd10-encounter" in md
+
+
+def test_eval_refuses_a_labelled_task_without_labels_before_loading_the_model(tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text(json.dumps({"text": "no label here"}) + "\n")
+    assert main(["eval", str(tmp_path / "none"), "--sparse-probing", str(texts), "--no-progress"]) == 2
+    assert "has no label" in capsys.readouterr().err

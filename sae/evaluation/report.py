@@ -77,11 +77,25 @@ class EvalConfig:
     browser_latents: int = 0
     """Write browser-<i>.html per SAE (i: its place on the command line) into --out: the top contexts and
     logit effects of its this many most often firing latents, on the held-out rows. 0 skips it."""
+    sparse_probing: str | None = None
+    """k-sparse probing on a labelled task: icd10-chapters (offline), bias-in-bios[:DIR], or a .csv/.jsonl file
+    with text and label columns; the test accuracy of probes on the k = 1, 2, 5, 10, 20, 50 latents ranked by mean
+    difference, against a probe on the dense activations. None skips it."""
+    concept_removal: str | None = None
+    """Concept removal on a task with a spurious attribute: icd10-encounter (offline), bias-in-bios[:DIR], or a
+    .csv/.jsonl file with text, label and spurious columns; worst-group accuracy before and after ablating the
+    attribute's latents, against random ones. None skips it."""
+    probe_texts: int = 200
+    """Texts per class (per label x attribute group for concept removal) in each split of the labelled task."""
+    removal_latents: int = 5
+    """How many latents concept removal ablates (those most tied to the spurious attribute)."""
 
     def __post_init__(self) -> None:
         for name in ("heldout_examples", "eval_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.probe_texts < 2 or self.removal_latents < 1:
+            raise ConfigError("--probe-texts must be >= 2 and --removal-latents >= 1")
         if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0 or self.browser_latents < 0:
             raise ConfigError("--dark-matter-fit-tokens, --splice-rows and --browser-latents must be >= 0")
 
@@ -131,6 +145,7 @@ def _overlap(info: dict[str, Any] | None, dataset: str, data_seed: int, heldout_
 
 
 def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> dict[str, Any]:
+    tasks = _labelled_tasks(cfg)  # before any model work: a missing dataset or label column fails here
     saes = {path: _load(path) for path in sae_paths}
     first_meta = next(iter(saes.values()))[1]
     model_name = cfg.model or first_meta.get("model_name")
@@ -234,6 +249,8 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                 title=path,
             ).name
         results[path] = result
+    if tasks:
+        _interpretability(cfg, tasks, saes, results, lm, tokenizer, layer, context, progress)
     return {
         "config": asdict(cfg),
         "model": model_name,
@@ -249,6 +266,54 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
         },
         "saes": results,
     }
+
+
+def _labelled_tasks(cfg: EvalConfig) -> dict:
+    from sae.evaluation.labelled import load_task
+
+    tasks = {}
+    if cfg.sparse_probing:
+        tasks["sparse_probing"] = load_task(cfg.sparse_probing, cfg.probe_texts, fields=(cfg.text_field, "label", None))
+    if cfg.concept_removal:
+        fields = (cfg.text_field, "label", "spurious")
+        tasks["concept_removal"] = load_task(cfg.concept_removal, cfg.probe_texts, fields=fields)
+    return tasks
+
+
+def _interpretability(cfg, tasks, saes, results, lm, tokenizer, layer, context, progress) -> None:
+    """The k-sparse probing and concept-removal sections of every SAE (sae/evaluation/interpretability.py)."""
+    from sae.evaluation import interpretability as interp
+
+    device = next(lm.parameters()).device
+    weights = [{k: v.to(device).float() for k, v in w.items()} for w, _, _ in saes.values()]
+    args = (lm, tokenizer, layer, weights, context, cfg.exclude_special_tokens)
+    if "sparse_probing" in tasks:
+        sections = interp.sparse_probing_sections(tasks["sparse_probing"], *args, progress=progress)
+        for path, section in zip(saes, sections):
+            results[path]["sparse_probing"] = section
+    if "concept_removal" in tasks:
+        sections = interp.concept_removal_sections(tasks["concept_removal"], *args, cfg.removal_latents, progress)
+        for path, section in zip(saes, sections):
+            results[path]["concept_removal"] = section
+
+
+def interpretability_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's lines for k-sparse probing and concept removal, where the report has them."""
+    lines = []
+    for path, r in report["saes"].items():
+        if "sparse_probing" in r:
+            p = r["sparse_probing"]
+            ks = ", ".join(f"k={k}: {acc:.3f}" for k, acc in p["k"].items())
+            lines.append(f"- {path}: k-sparse probing on {p['task']}: {ks}; dense probe {p['dense']:.3f}")
+        if "concept_removal" in r:
+            c = r["concept_removal"]
+            b, a, rnd = c["before"], c["after"], c["random"]
+            lines.append(
+                f"- {path}: concept removal on {c['task']} ({c['spurious']}, {c['n_latents']} latents): worst-group "
+                f"accuracy {b['worst_group']:.3f} -> {a['worst_group']:.3f} (random latents {rnd['worst_group']:.3f}); "
+                f"overall {b['accuracy']:.3f} -> {a['accuracy']:.3f} (random {rnd['accuracy']:.3f})"
+            )
+    return lines
 
 
 def markdown_table(report: dict[str, Any]) -> str:
@@ -278,6 +343,9 @@ def markdown_table(report: dict[str, Any]) -> str:
         f"order, special tokens {'excluded' if report['config']['exclude_special_tokens'] else 'included'}; "
         f"dead = no fire in these tokens); delta CE over {h['splice_rows']} rows."
     )
+    extra = interpretability_lines(report)
+    if extra:
+        lines += ["", "Interpretability (test splits of the labelled tasks):", *extra]
     return "\n".join(lines) + "\n"
 
 
