@@ -49,6 +49,12 @@ def test_write_plots_writes_valid_pngs(tmp_path):
         "heldout": {"tokens": 1000},
         "saes": {"runs/a": _sae_result(12.0, 0.81, 3, 0.12), "runs/b/params.npz": _sae_result(40.0, 0.9, 0, 0.05)},
     }
+    for r in report["saes"].values():  # the interpretability sections, as report.json holds them (keys as text)
+        r["sparse_probing"] = {"task": "icd10-chapters", "k": {"1": 0.4, "2": 0.5, "5": 0.7}, "dense": 0.9}
+        worst = {"accuracy": 0.6, "worst_group": 0.2}
+        after = {"accuracy": 0.7, "worst_group": 0.6}
+        r["concept_removal"] = {"task": "icd10-encounter", "n_latents": 5, "before": worst, "after": after,
+                                "random": worst}  # fmt: skip
     written = write_plots(report, tmp_path / "figs")
     assert [p.name for p in written] == list(FIGURES)
     for path in written:

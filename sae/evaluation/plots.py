@@ -10,8 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-FIGURES = ("explained_variance_vs_l0.png", "delta_ce_vs_l0.png", "density_histogram.png")
-"""The files `write_plots` may write; delta_ce_vs_l0.png only when some SAE has downstream metrics."""
+FIGURES = (
+    "explained_variance_vs_l0.png",
+    "delta_ce_vs_l0.png",
+    "density_histogram.png",
+    "sparse_probing.png",
+    "concept_removal.png",
+)
+"""The files `write_plots` may write; delta_ce_vs_l0.png only when some SAE has downstream metrics, the last two
+only with --sparse-probing / --concept-removal."""
 
 
 def sae_label(path: str) -> str:
@@ -88,4 +95,46 @@ def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
     fig.savefig(folder / FIGURES[2], dpi=100)
     plt.close(fig)
     written.append(folder / FIGURES[2])
+    probing = [(label, r["sparse_probing"]) for label, r in labelled if "sparse_probing" in r]
+    if probing:
+        written.append(_probing_plot(plt, probing, folder / FIGURES[3]))
+    removal = [(label, r["concept_removal"]) for label, r in labelled if "concept_removal" in r]
+    if removal:
+        written.append(_removal_plot(plt, removal, folder / FIGURES[4]))
     return written
+
+
+def _probing_plot(plt, probing: list[tuple[str, dict]], out: Path) -> Path:
+    """Test accuracy against k per SAE, each SAE's dense-probe accuracy as a dashed line of its colour."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, p in probing:
+        ks = sorted(int(k) for k in p["k"])
+        (line,) = ax.plot(ks, [p["k"][k] if k in p["k"] else p["k"][str(k)] for k in ks], marker="o", label=label)
+        ax.axhline(p["dense"], color=line.get_color(), linestyle="--", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("k (latents, ranked by mean difference on the training split)")
+    ax.set_ylabel("test accuracy (dashed: probe on the dense activations)")
+    ax.set_title(f"k-sparse probing: {probing[0][1]['task']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _removal_plot(plt, removal: list[tuple[str, dict]], out: Path) -> Path:
+    """Worst-group accuracy before, after ablating the attribute's latents, and after random latents."""
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    width = 0.8 / len(removal)
+    for i, (label, c) in enumerate(removal):
+        values = [c["before"]["worst_group"], c["after"]["worst_group"], c["random"]["worst_group"]]
+        ax.bar([j + i * width for j in range(3)], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(3)], ["before", "attribute's latents", "random latents"])
+    ax.set_ylabel("worst-group test accuracy")
+    ax.set_title(f"Concept removal: {removal[0][1]['task']} ({removal[0][1]['n_latents']} latents ablated)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
