@@ -1,0 +1,6 @@
+"""Automated interpretation of SAE latents: an explainer LM describes a latent from its contexts, a scorer LM
+predicts from that description alone which held-out contexts activate it.
+
+`clients` talks to the LM (an OpenAI-compatible HTTP endpoint, or a local transformers model), `cache` keeps every
+answer so an interrupted run asks nothing twice, `score` turns the scorer's answers into detection metrics.
+"""

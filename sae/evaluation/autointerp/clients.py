@@ -1,0 +1,92 @@
+"""The LMs autointerp asks: anything with `complete(prompt) -> str`.
+
+HttpClient speaks the OpenAI chat-completions protocol that vLLM, llama.cpp's server and Ollama serve
+(POST {base_url}/v1/chat/completions), with a timeout per request and retries with exponential backoff; an
+endpoint that cannot be reached or keeps failing raises `EndpointError` naming the URL and what to check.
+TransformersClient runs a local causal LM (the offline default: the embedded Gemma-3 270M).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Protocol
+
+
+class EndpointError(RuntimeError):
+    """The LM endpoint could not answer (unreachable, timing out, or replying with an error or garbage)."""
+
+
+class LMClient(Protocol):
+    model: str
+
+    def complete(self, prompt: str) -> str: ...
+
+
+class HttpClient:
+    """An OpenAI-compatible chat-completions endpoint, e.g. http://localhost:8000 (vLLM) or :11434 (Ollama)."""
+
+    def __init__(
+        self, base_url: str, model: str, timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 1.0,
+        max_tokens: int = 64, api_key: str | None = None,
+    ):  # fmt: skip
+        self.url = base_url.rstrip("/") + "/v1/chat/completions"
+        self.model, self.timeout_s, self.retries, self.backoff_s = model, timeout_s, retries, backoff_s
+        self.max_tokens, self.api_key = max_tokens, api_key
+        self.requests = 0  # sent, retries included
+
+    def complete(self, prompt: str) -> str:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": self.max_tokens,
+            "temperature": 0.0,
+        }
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last: Exception | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            self.requests += 1
+            request = urllib.request.Request(self.url, json.dumps(body).encode(), headers, method="POST")
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    reply = json.loads(response.read())
+                return str(reply["choices"][0]["message"]["content"])
+            except urllib.error.HTTPError as e:
+                last = e
+                if 400 <= e.code < 500 and e.code != 429:  # the request is wrong: asking again will not help
+                    break
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                last = e
+            except (json.JSONDecodeError, KeyError, IndexError, TypeError) as e:
+                last = ValueError(f"the reply is not a chat completion ({type(e).__name__}: {e})")
+        raise EndpointError(
+            f"the LM endpoint {self.url} did not answer after {self.retries + 1} attempt(s) "
+            f"({type(last).__name__}: {last}); check that the server is running and serves model {self.model!r} "
+            f"at that address, or raise --autointerp-timeout-s (now {self.timeout_s:g} s)"
+        ) from last
+
+
+class TransformersClient:
+    """A local causal LM through transformers (greedy decoding of the prompt's continuation)."""
+
+    def __init__(self, model_name: str = "offline-default", max_new_tokens: int = 32, device: str = "cpu"):
+        from harvest.config import ModelConfig
+        from harvest.lm import load_lm
+
+        self.model = model_name
+        self.lm, self.tokenizer = load_lm(ModelConfig(model=model_name, model_device=device))
+        self.max_new_tokens = max_new_tokens
+
+    def complete(self, prompt: str) -> str:
+        import torch
+
+        ids = self.tokenizer(prompt, return_tensors="pt").to(next(self.lm.parameters()).device)
+        with torch.inference_mode():
+            out = self.lm.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+        return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
