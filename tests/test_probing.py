@@ -69,7 +69,9 @@ def test_more_latents_than_the_sae_has_is_refused():
         k_sparse_probing(torch.rand(10, 4), torch.zeros(10, dtype=torch.long), torch.rand(5, 4), torch.zeros(5))
 
 
-def planted(n: int, correlated: bool, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def planted(
+    n: int, correlated: bool, g: torch.Generator, label: float = 1.0, attribute: float = 3.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Activations in which latent 0 carries the target label (noisily) and latent 1 the spurious attribute
     (cleanly, and strongly); in training the attribute equals the label 95% of the time, in test it is
     independent of it. The other 6 coordinates are noise. The dictionary is the identity (below)."""
@@ -80,8 +82,8 @@ def planted(n: int, correlated: bool, g: torch.Generator) -> tuple[torch.Tensor,
         else torch.randint(0, 2, (n,), generator=g)
     )
     x = 0.3 * torch.rand(n, 8, generator=g)
-    x[:, 0] = 1.0 + y + 0.6 * torch.randn(n, generator=g)  # the label: weak, noisy
-    x[:, 1] = 1.0 + 3.0 * s + 0.05 * torch.randn(n, generator=g)  # the attribute: strong, clean
+    x[:, 0] = 1.0 + label * y + 0.6 * torch.randn(n, generator=g)  # the label: noisy (weak by default)
+    x[:, 1] = 1.0 + attribute * s + 0.05 * torch.randn(n, generator=g)  # the attribute: clean (strong by default)
     return x, y, s
 
 
@@ -158,3 +160,14 @@ def test_a_task_whose_labels_are_missing_is_refused(tmp_path):
         load_task(str(path))
     with pytest.raises(ConfigError, match="unknown labelled task 'no-such-task'"):
         load_task("no-such-task")
+
+
+def test_concept_removal_does_not_take_a_strong_label_latent_for_the_attribute():
+    """The label's latent differs between the attribute groups too (they go together in training); ranked within
+    each label class it scores about 0, so the attribute's weaker latent is the one ablated."""
+    g = torch.Generator().manual_seed(2)
+    train, test = planted(2000, True, g, label=3.0, attribute=1.0), planted(2000, False, g, label=3.0, attribute=1.0)
+    split = lambda x, y, s: LabelledActivations(x, x.clamp_min(0), y, s)  # noqa: E731
+    result = concept_removal(torch.eye(8), split(*train), split(*test), n_latents=1, random_draws=2)
+    assert result["ablated"] == [1]
+    assert result["after"]["worst_group"] > 0.8  # the label's latent kept: the probe still works

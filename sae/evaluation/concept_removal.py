@@ -5,8 +5,9 @@ does the probe stop leaning on the attribute?
 - The probe: sae/evaluation/probes.py, fitted on the training split's activations (attribute correlated with the
   label), and fitted again on the training split after each ablation (a fixed probe would also see the constant
   shift that removing a latent's mean contribution makes, and say little about the concept).
-- The latents: the n with the largest |mean activation(attribute 1) - mean activation(attribute 0)| on the
-  training split, a simple criterion stated in the report.
+- The latents: the n with the largest |attribute mean difference within each label class, averaged over the
+  classes| on the training split, a simple criterion stated in the report. Within a class the label is fixed, so a
+  latent that tracks only the label scores about 0 even though the attribute goes with the label overall.
 - The ablation: x' = x - f_S W_dec[S], the decoder's contribution of the latents S removed; since the SAE's
   error term x - x_hat is kept, only those latents change: x' = x_hat(f with S zeroed) + (x - x_hat).
 - The measure: the probe's overall and worst-group accuracy (groups: label x attribute) on the test split,
@@ -23,7 +24,6 @@ from torch import Tensor
 
 from sae.errors import ConfigError
 from sae.evaluation.probes import accuracy, fit_probe, predict, worst_group_accuracy
-from sae.evaluation.sparse_probing import top_latents
 
 
 class LabelledActivations(NamedTuple):
@@ -40,6 +40,19 @@ class LabelledActivations(NamedTuple):
 def ablate(x: Tensor, acts: Tensor, W_dec: Tensor, latents: Tensor) -> Tensor:
     """x [N, D] with the decoder contribution of `latents` (their activations acts [N, F]) removed."""
     return x - acts[:, latents] @ W_dec[latents]
+
+
+def attribute_scores(latents: Tensor, labels: Tensor, spurious: Tensor) -> Tensor:
+    """[F] |mean over label classes of (mean activation, attribute 1 - attribute 0, within the class)|; classes
+    missing one attribute value are left out."""
+    diffs = []
+    for c in torch.unique(labels):
+        one, zero = (labels == c) & (spurious == 1), (labels == c) & (spurious == 0)
+        if one.any() and zero.any():
+            diffs.append(latents[one].double().mean(0) - latents[zero].double().mean(0))
+    if not diffs:
+        raise ConfigError("no label class of the training split holds both values of the spurious attribute")
+    return torch.stack(diffs).mean(0).abs()
 
 
 def concept_removal(
@@ -59,7 +72,7 @@ def concept_removal(
         if len(torch.unique(t)) != 2:
             raise ConfigError(f"concept removal needs two values of the {name} in the training split")
     groups = 2 * y_te.long() + s_te.long()
-    spurious = top_latents(acts_tr, s_tr, n_latents)
+    spurious = torch.sort(-attribute_scores(acts_tr, y_tr, s_tr), stable=True).indices[:n_latents]
 
     def measure(latents: Tensor | None) -> dict[str, float]:
         """Fit the probe on the (ablated) training split, score it on the (ablated) test split."""
@@ -71,7 +84,8 @@ def concept_removal(
     generator = torch.Generator().manual_seed(seed)
     draws = [measure(torch.randperm(d_sae, generator=generator)[:n_latents]) for _ in range(random_draws)]
     return {
-        "criterion": "largest |mean latent activation, attribute 1 - attribute 0| on the training split",
+        "criterion": "largest |attribute 1 - attribute 0 mean latent activation within each label class, averaged| "
+        "on the training split",
         "n_latents": n_latents,
         "ablated": spurious.tolist(),
         "before": measure(None),
