@@ -5,16 +5,20 @@ scores are known: F1 1 for each latent's own explanation, lower for the random-e
 
 from __future__ import annotations
 
+import html
 import json
 import random
 import re
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
+from sae.__main__ import main
 from sae.errors import ConfigError
 from sae.evaluation.autointerp.cache import CachedClient
 from sae.evaluation.autointerp.clients import HttpClient
@@ -227,3 +231,105 @@ def prompts_of(contexts, result) -> list[str]:
         for given in (explanation[c.latent], explanation[by_latent[c.latent]["floor_from"]]):
             prompts += [score_prompt(given, plain(w)) for w, _ in c.held_out]
     return prompts
+
+
+def first_word_explainer(prompt: str) -> str:
+    """Scripted LM for real token contexts: explains with the first highlighted word; yes iff it is in the text."""
+    if prompt.startswith("We are studying"):
+        marked = re.search(r"<<\s*(\w+)", prompt.split("Example 1:", 1)[1])  # not the instructions' <<like this>>
+        return f"the word {marked.group(1) if marked else 'none'}"
+    word = re.search(r"described as: the word (\w+)", prompt).group(1)
+    return "yes" if word in re.search(r"Text: (.*)\n\n", prompt).group(1) else "no"
+
+
+@pytest.fixture(scope="module")
+def sparse_sae(tiny_model, text_file, tmp_path_factory):
+    """params.npz of a random SAE on the tiny model's layer 2 (d_in 32, 24 latents), each latent's threshold at
+    the 95th percentile of its pre-activation on the text, so that it fires in some rows and not in others."""
+    from harvest import DataConfig, ModelConfig, load_lm
+    from harvest.activations import keep_mask, layer_activations
+    from harvest.text import TokenRows, load_texts
+    from sae.evaluation.splice import pad_rows
+
+    lm, tokenizer = load_lm(ModelConfig(model=tiny_model, layer=2, model_device="cpu"))
+    rows = [r for r, _ in TokenRows(load_texts(DataConfig(dataset=text_file, context_size=16)), tokenizer, 16).take(40)]
+    ids, mask = pad_rows(rows, tokenizer.pad_token_id)
+    x = layer_activations(lm, 2, ids, mask)[keep_mask(ids, mask, tokenizer, True)].float()
+    g = torch.Generator().manual_seed(3)
+    W_enc = torch.randn(32, 24, generator=g) / 32**0.5
+    weights = {
+        "W_enc": W_enc,
+        "b_enc": torch.zeros(24),
+        "W_dec": torch.randn(24, 32, generator=g),
+        "b_dec": torch.zeros(32),
+        "threshold": (x @ W_enc).quantile(0.95, dim=0).clamp_min(1e-3),
+    }
+    path = tmp_path_factory.mktemp("sparse-sae") / "params.npz"
+    np.savez(path, **{name: t.numpy() for name, t in weights.items()})
+    return str(path)
+
+
+def eval_args(npz: str, tiny_model: str, text_file: str, out, *extra: str) -> list[str]:
+    return [
+        "eval", npz, "--model", tiny_model, "--layer", "2", "--dataset", text_file, "--context-size", "16",
+        "--heldout-examples", "40", "--eval-tokens", "200", "--splice-rows", "0", "--eval-device", "cpu",
+        "--out", str(out), "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def test_eval_autointerp_feeds_report_plot_and_browser_and_resumes(sparse_sae, tiny_model, text_file, tmp_path):
+    out = tmp_path / "eval"
+    with ScriptedServer(lambda prompt, n: first_word_explainer(prompt)) as server:
+        flags = ["--autointerp-latents", "6", "--autointerp-endpoint", server.url, "--autointerp-model", "scripted"]
+        assert main(eval_args(sparse_sae, tiny_model, text_file, out, *flags)) == 0
+        asked = len(server.prompts)
+        report = json.loads((out / "report.json").read_text())
+        section = report["saes"][sparse_sae]["autointerp"]
+        summary = section["summary"]
+        assert summary["requested"] == 6 and len(summary["sampled"]) == len(section["latents"]) == 6
+        assert summary["scored"] >= 1 and summary["f1"]["n"] == summary["scored"]
+        # The scripted explainer names a word of the top context: better than another latent's word, on average.
+        assert summary["f1"]["mean"] > summary["floor_f1"]["mean"]
+        for record in section["latents"]:
+            assert record["explanation"].startswith("the word ")
+            if record["detection"]:
+                assert record["detection"]["n"] == record["held_out_contexts"] > 0 and record["floor"] is not None
+        md = (out / "report.md").read_text()
+        assert "Autointerp" in md and f"{sparse_sae}: {summary['scored']} of 6 explained latents scored" in md
+        assert (out / "autointerp_f1.png").read_bytes().startswith(b"\x89PNG")
+        page = (out / "browser-0.html").read_text(encoding="utf-8")
+        for record in section["latents"]:  # each explained latent has its section, with explanation and score
+            assert f'id="latent-{record["latent"]}"' in page
+            assert html.escape(f"explanation: {record['explanation']}") in page
+        assert page.count('class="autointerp"') == 6 and "detection F1" in page
+        assert len((out / "autointerp-answers.jsonl").read_text().splitlines()) == asked
+
+        # The same command again: every answer comes from the cache, the server is asked nothing.
+        assert main(eval_args(sparse_sae, tiny_model, text_file, out, *flags)) == 0
+        assert len(server.prompts) == asked
+        assert json.loads((out / "report.json").read_text())["saes"][sparse_sae]["autointerp"] == section
+
+
+def test_eval_autointerp_refuses_more_latents_than_the_sae_has_and_a_dead_endpoint(
+    sparse_sae, tiny_model, text_file, tmp_path, capsys
+):
+    flags = ["--autointerp-endpoint", "http://127.0.0.1:9", "--autointerp-model", "m"]
+    assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, "--autointerp-latents", "25", *flags)) == 2
+    assert "--autointerp-latents 25: " in (err := capsys.readouterr().err) and "has only 24 latents" in err
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    flags = [
+        "--autointerp-endpoint",
+        f"http://127.0.0.1:{port}",
+        "--autointerp-model",
+        "m",
+        "--autointerp-timeout-s",
+        "1",
+    ]
+    assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, "--autointerp-latents", "2", *flags)) == 2
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}/v1/chat/completions did not answer" in err and "server is running" in err
+    no_model = ["--autointerp-latents", "2", "--autointerp-endpoint", f"http://127.0.0.1:{port}"]
+    assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, *no_model)) == 2
+    assert "--autointerp-endpoint needs --autointerp-model" in capsys.readouterr().err

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import random
 import statistics
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from sae.evaluation.autointerp.clients import LMClient
+from sae.errors import ConfigError
+from sae.evaluation.autointerp.cache import CachedClient
+from sae.evaluation.autointerp.clients import HttpClient, LMClient
 from sae.evaluation.autointerp.contexts import (
     LatentContexts,
     dense_activations,
@@ -153,3 +156,22 @@ def autointerp_sae(
     result = run_autointerp(contexts, client, seed, progress)
     result["summary"] |= {"requested": latents, "firing": int(counts.gt(0).sum()), "sampled": chosen}
     return result
+
+
+def eval_client(
+    endpoint: str | None, model: str | None, timeout_s: float, device: str, cache: str | Path
+) -> CachedClient:
+    """The explainer/scorer of `python -m sae eval`: the endpoint's `model` over HTTP, else a local transformers
+    model (default the offline Gemma-3 270M), behind the answer cache at `cache`."""
+    if endpoint:
+        if not model:
+            raise ConfigError(
+                "--autointerp-endpoint needs --autointerp-model: the name the server serves the model under "
+                "(vLLM: the --served-model-name or path; Ollama: e.g. llama3.2)"
+            )
+        client = HttpClient(endpoint, model, timeout_s=timeout_s)
+    else:
+        from sae.evaluation.autointerp.clients import TransformersClient
+
+        client = TransformersClient(model or "offline-default", device="cpu" if device == "auto" else device)
+    return CachedClient(client, cache)
