@@ -2,7 +2,8 @@
 
 Contexts reach the explainer with every token on which the latent fires wrapped in <<...>> (a run of firing
 tokens in one pair, leading spaces left outside); the scorer sees plain text only, so it must decide from
-the explanation alone.
+the explanation alone. Both prompts end with a cue ("Description:", "Answer:") so that a base model without a
+chat template (the offline Gemma-3 270M) continues with an answer rather than more instructions.
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def explain_prompt(windows: list[Window]) -> str:
         "active, the last ones where it is weakly active.\n\n"
         f"{examples}\n\n"
         "In one short line, describe what the feature detects (the words, topic or pattern the marked tokens "
-        "share). Answer with the description only."
+        "share). Answer with the description only.\n"
+        "Description:"
     )
 
 
@@ -61,5 +63,6 @@ def score_prompt(explanation: str, text: str) -> str:
     return (
         f"A feature of a language model is described as: {explanation}\n\n"
         f"Text: {text}\n\n"
-        "Is this feature active on any token of the text? Answer with one word: yes or no."
+        "Is this feature active on any token of the text? Answer with one word: yes or no.\n"
+        "Answer:"
     )
