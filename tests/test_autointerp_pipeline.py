@@ -79,6 +79,7 @@ def test_highlighting_and_explanations():
     assert highlighted(w) == "acute <<chest pain>> <<x>>"
     assert plain(w) == "acute chest pain x"
     assert read_explanation('\n  Explanation: "mentions of chest pain"\nmore') == "mentions of chest pain"
+    assert read_explanation('- **Description:** The feature detects "fever"') == "fever"
     assert read_explanation("   \n") == ""
     assert len(read_explanation("a" * 1000)) == 200
 

@@ -49,14 +49,19 @@ def explain_prompt(windows: list[Window]) -> str:
     )
 
 
+_DECORATION = "\"'*`-: "
+"""Quotes, markdown emphasis, bullets and spaces around an explanation."""
+
+
 def read_explanation(answer: str) -> str:
     """The first non-empty line, without an "Explanation:"-style prefix or quotes, cut at MAX_EXPLANATION_CHARS;
     "" when the answer is blank."""
     line = next((s.strip() for s in answer.splitlines() if s.strip()), "")
     for prefix in ("explanation:", "description:", "the feature detects", "this feature detects"):
+        line = line.strip(_DECORATION)
         if line.lower().startswith(prefix):
-            line = line[len(prefix) :].strip()
-    return line.strip("\"'*` ")[:MAX_EXPLANATION_CHARS]
+            line = line[len(prefix) :]
+    return line.strip(_DECORATION)[:MAX_EXPLANATION_CHARS]
 
 
 def score_prompt(explanation: str, text: str) -> str:
