@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     from harvest.errors import HarvestError
     from sae.checkpoint import CheckpointError
     from sae.distributed.mesh import CollectiveError
+    from sae.evaluation.autointerp.clients import EndpointError
     from sae.health import TrainingHealthError
 
     try:
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             return evaluate(args)
         if args.command == "select":
             return select(args)
-    except (ConfigError, CheckpointError, HarvestError, TrainingHealthError, CollectiveError) as err:
+    except (ConfigError, CheckpointError, HarvestError, TrainingHealthError, CollectiveError, EndpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1

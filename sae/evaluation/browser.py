@@ -265,6 +265,7 @@ header { position: sticky; top: 0; background: #fff; padding: .5em 0; border-bot
 .act { color: #888; display: inline-block; width: 5em; }
 .logits { font-size: .85em; color: #333; margin-top: .4em; }
 .logits code { background: #eef; padding: 0 3px; margin-right: .4em; }
+.autointerp { background: #f4f8ee; border-left: 3px solid #7a4; padding: .2em .6em; margin: .3em 0; font-size: .9em; }
 """
 
 _JS = """
@@ -299,10 +300,16 @@ def _context_html(c: Context, scale: float) -> str:
     )
 
 
-def render_html(pages: list[LatentPage], title: str = "SAE feature browser", note: str = "") -> str:
-    """One self-contained HTML page: latents sortable by density or index, a search box by latent id."""
+def render_html(
+    pages: list[LatentPage], title: str = "SAE feature browser", note: str = "", notes: dict[int, str] | None = None
+) -> str:
+    """One self-contained HTML page: latents sortable by density or index, a search box by latent id; `notes`
+    (latent -> text, e.g. autointerp's explanation and score) are shown under their latent's heading."""
     sections = []
     for page in pages:
+        explained = (
+            f'<div class="autointerp">{html.escape(notes[page.index])}</div>' if notes and page.index in notes else ""
+        )
         ctx_html = "".join(_context_html(c, page.max_activation) for c in page.contexts) or (
             '<div class="meta">never fired on these tokens</div>'
         )
@@ -321,7 +328,7 @@ def render_html(pages: list[LatentPage], title: str = "SAE feature browser", not
             f'<section class="latent" id="latent-{page.index}" data-index="{page.index}" '
             f'data-density="{page.density:.6g}"><h2>latent {page.index} <span class="meta">density '
             f"{page.density:.3%} &middot; max activation {page.max_activation:.3f}</span></h2>"
-            f"{ctx_html}{logits}</section>"
+            f"{explained}{ctx_html}{logits}</section>"
         )
     return (
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
@@ -346,15 +353,21 @@ def write_browser(
     context: int = 8,
     order: str = "density",
     title: str = "SAE feature browser",
+    notes: dict[int, str] | None = None,
 ) -> Path:
-    """Write the browser of `latents` latents (chosen by `order`) of one SAE to `path`; return the path."""
+    """Write the browser of `latents` latents (chosen by `order`) of one SAE to `path`; return the path.
+
+    The latents in `notes` (latent -> text shown under its heading) are shown too, after the chosen ones."""
     top = top_activations(lm, tokenizer, layer, weights, rows, k)
-    pages = latent_pages(lm, tokenizer, layer, weights, rows, top, select_latents(top, latents, order), context)
+    shown = select_latents(top, latents, order)
+    shown += [j for j in notes or {} if j not in shown]
+    pages = latent_pages(lm, tokenizer, layer, weights, rows, top, shown, context)
     note = (
         f"{top.tokens:,} tokens in {len(rows)} rows (special tokens excluded); top {k} contexts per latent, "
-        f"+-{context} tokens; {len(pages)} of {len(top.fire_counts)} latents, by {order}."
+        f"+-{context} tokens; {len(pages)} of {len(top.fire_counts)} latents, by {order}"
+        + (" and those autointerp explained." if notes else ".")
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(pages, title, note), encoding="utf-8")
+    path.write_text(render_html(pages, title, note, notes), encoding="utf-8")
     return path

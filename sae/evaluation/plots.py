@@ -16,9 +16,11 @@ FIGURES = (
     "density_histogram.png",
     "sparse_probing.png",
     "concept_removal.png",
+    "autointerp_f1.png",
 )
-"""The files `write_plots` may write; delta_ce_vs_l0.png only when some SAE has downstream metrics, the last two
-only with --sparse-probing / --concept-removal."""
+"""The files `write_plots` may write; delta_ce_vs_l0.png only when some SAE has downstream metrics,
+sparse_probing.png and concept_removal.png only with --sparse-probing / --concept-removal, autointerp_f1.png only
+with --autointerp-latents."""
 
 
 def sae_label(path: str) -> str:
@@ -101,7 +103,33 @@ def write_plots(report: dict[str, Any], folder: str | Path) -> list[Path]:
     removal = [(label, r["concept_removal"]) for label, r in labelled if "concept_removal" in r]
     if removal:
         written.append(_removal_plot(plt, removal, folder / FIGURES[4]))
+    explained = [(label, r["autointerp"]["latents"]) for label, r in labelled if "autointerp" in r]
+    if explained:
+        written.append(_autointerp_plot(plt, explained, folder / FIGURES[5]))
     return written
+
+
+def _autointerp_plot(plt, explained: list[tuple[str, list[dict]]], out: Path) -> Path:
+    """Per SAE, the histogram of its latents' detection F1 (solid) and of the random-explanation floor's
+    (dashed, same colour), over ten bins of [0, 1]."""
+    import numpy as np
+
+    edges = np.linspace(0, 1, 11)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, records in explained:
+        f1 = [r["detection"]["f1"] for r in records if r["detection"]]
+        floor = [r["floor"]["f1"] for r in records if r["floor"]]
+        line = ax.stairs(np.histogram(f1, edges)[0], edges, label=f"{label} ({len(f1)} latents)", linewidth=2)
+        if floor:
+            ax.stairs(np.histogram(floor, edges)[0], edges, color=line.get_edgecolor(), linestyle="--", label="floor")
+    ax.set_xlabel("detection F1 (dashed: each latent scored with another latent's explanation)")
+    ax.set_ylabel("latents")
+    ax.set_title("Autointerp: detection F1 vs the random-explanation floor")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 def _probing_plot(plt, probing: list[tuple[str, dict]], out: Path) -> Path:

@@ -89,6 +89,19 @@ class EvalConfig:
     """Texts per class (per label x attribute group for concept removal) in each split of the labelled task."""
     removal_latents: int = 5
     """How many latents concept removal ablates (those most tied to the spurious attribute)."""
+    autointerp_latents: int = 0
+    """Automated interpretation of this many latents per SAE, drawn (seeded by --data-seed) from those firing on
+    the held-out rows: an explainer LM describes each from its top and quantile contexts, a scorer LM classifies
+    held-out contexts from that alone; detection F1 per latent beside a random-explanation floor, also in the
+    browser. Answers are cached in OUT/autointerp-answers.jsonl (a rerun resumes). 0 skips it."""
+    autointerp_endpoint: str | None = None
+    """An OpenAI-compatible server for the explainer and scorer (vLLM, llama.cpp's server, Ollama), e.g.
+    http://localhost:8000; None runs --autointerp-model locally through transformers."""
+    autointerp_model: str | None = None
+    """The model the endpoint serves (needed with --autointerp-endpoint); without one, a local transformers model,
+    by default the offline Gemma-3 270M (its explanations are weak: a pipeline check, not a measurement)."""
+    autointerp_timeout_s: float = 60.0
+    """Seconds to wait for one answer from the endpoint (then up to 3 retries with backoff)."""
 
     def __post_init__(self) -> None:
         for name in ("heldout_examples", "eval_tokens"):
@@ -98,6 +111,8 @@ class EvalConfig:
             raise ConfigError("--probe-texts must be >= 2 and --removal-latents >= 1")
         if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0 or self.browser_latents < 0:
             raise ConfigError("--dark-matter-fit-tokens, --splice-rows and --browser-latents must be >= 0")
+        if self.autointerp_latents < 0 or self.autointerp_timeout_s <= 0:
+            raise ConfigError("--autointerp-latents must be >= 0 and --autointerp-timeout-s > 0")
 
 
 @dataclass
@@ -147,6 +162,7 @@ def _overlap(info: dict[str, Any] | None, dataset: str, data_seed: int, heldout_
 def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> dict[str, Any]:
     tasks = _labelled_tasks(cfg)  # before any model work: a missing dataset or label column fails here
     saes = {path: _load(path) for path in sae_paths}
+    explainer = _autointerp_client(cfg, saes) if cfg.autointerp_latents else None  # before any model work
     first_meta = next(iter(saes.values()))[1]
     model_name = cfg.model or first_meta.get("model_name")
     layer = cfg.layer if cfg.layer is not None else first_meta.get("hook_layer")
@@ -234,7 +250,15 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                 mean=mean,
                 exclude_special_tokens=cfg.exclude_special_tokens,
             )._asdict()
-        if cfg.browser_latents:
+        if explainer is not None:
+            from sae.evaluation.autointerp.pipeline import autointerp_sae
+
+            w = {k: v.to(device) for k, v in weights.items()}
+            result["autointerp"] = autointerp_sae(
+                lm, tokenizer, layer, w, token_rows, explainer, cfg.autointerp_latents, cfg.data_seed, progress=progress
+            )
+        if cfg.browser_latents or explainer is not None:
+            from sae.evaluation.autointerp.sections import browser_notes
             from sae.evaluation.browser import write_browser
 
             w = {k: v.to(device) for k, v in weights.items()}
@@ -247,6 +271,7 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
                 token_rows,
                 cfg.browser_latents,
                 title=path,
+                notes=browser_notes(result.get("autointerp")),
             ).name
         results[path] = result
     if tasks:
@@ -266,6 +291,20 @@ def evaluate(cfg: EvalConfig, sae_paths: list[str], progress: bool = True) -> di
         },
         "saes": results,
     }
+
+
+def _autointerp_client(cfg: EvalConfig, saes: dict):
+    """The cached explainer/scorer LM of --autointerp-latents, after checking every SAE has that many latents."""
+    from sae.evaluation.autointerp.pipeline import eval_client
+
+    for path, (weights, _, _) in saes.items():
+        if cfg.autointerp_latents > weights["W_enc"].shape[1]:
+            raise ConfigError(
+                f"--autointerp-latents {cfg.autointerp_latents}: {path} has only {weights['W_enc'].shape[1]} "
+                "latents; ask for at most that many"
+            )
+    cache = Path(cfg.out) / "autointerp-answers.jsonl"
+    return eval_client(cfg.autointerp_endpoint, cfg.autointerp_model, cfg.autointerp_timeout_s, cfg.eval_device, cache)
 
 
 def _labelled_tasks(cfg: EvalConfig) -> dict:
@@ -346,6 +385,12 @@ def markdown_table(report: dict[str, Any]) -> str:
     extra = interpretability_lines(report)
     if extra:
         lines += ["", "Interpretability (test splits of the labelled tasks):", *extra]
+    from sae.evaluation.autointerp.sections import markdown_lines
+
+    explained = markdown_lines(report)
+    if explained:
+        lines += ["", "Autointerp (explainer and scorer LM; floor: each latent scored with another's explanation):"]
+        lines += explained
     return "\n".join(lines) + "\n"
 
 
