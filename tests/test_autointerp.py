@@ -121,3 +121,21 @@ def test_an_interrupted_run_resumes_from_the_answer_cache_without_asking_twice(s
     assert [again.complete(p) for p in prompts] == answers and again.asked == 0 and second.requests == 1
     d = detection_scores(answers, [True, False, True])
     assert d.malformed == 1 and d.accuracy == 2 / 3  # "maybe" on an activating context: scored wrong
+
+
+def test_transformers_client_continues_a_prompt_or_fills_the_chat_template(tiny_model):
+    """Greedy decoding is deterministic: the answer is the same text each time. Without a chat template the model
+    is given the prompt as written; with one, the prompt wrapped in it (what an instruction-tuned model expects)."""
+    from sae.evaluation.autointerp.clients import TransformersClient
+
+    client = TransformersClient(tiny_model, max_new_tokens=4)
+    seen = []
+    generate = client.lm.generate
+    client.lm.generate = lambda **kw: seen.append(kw["input_ids"][0].tolist()) or generate(**kw)
+    ids = lambda text, **kw: client.tokenizer(text, **kw)["input_ids"]  # noqa: E731
+    plain = client.complete("fever cough")
+    assert isinstance(plain, str) and plain == client.complete("fever cough")
+    assert seen[0] == ids("fever cough")
+    client.tokenizer.chat_template = "{% for m in messages %}<bos>{{ m['content'] }} and{% endfor %}"
+    client.complete("fever cough")
+    assert seen[-1] == ids("<bos>fever cough and", add_special_tokens=False) != seen[0]

@@ -101,7 +101,9 @@ class EvalConfig:
     """The model the endpoint serves (needed with --autointerp-endpoint); without one, a local transformers model,
     by default the offline Gemma-3 270M (its explanations are weak: a pipeline check, not a measurement)."""
     autointerp_timeout_s: float = 60.0
-    """Seconds to wait for one answer from the endpoint (then up to 3 retries with backoff)."""
+    """Seconds to wait for one answer from the endpoint."""
+    autointerp_retries: int = 3
+    """Retries of a request the endpoint did not answer (waiting 1, 2, 4, ... s between them); 0 fails at once."""
 
     def __post_init__(self) -> None:
         for name in ("heldout_examples", "eval_tokens"):
@@ -111,8 +113,8 @@ class EvalConfig:
             raise ConfigError("--probe-texts must be >= 2 and --removal-latents >= 1")
         if self.dark_matter_fit_tokens < 0 or self.splice_rows < 0 or self.browser_latents < 0:
             raise ConfigError("--dark-matter-fit-tokens, --splice-rows and --browser-latents must be >= 0")
-        if self.autointerp_latents < 0 or self.autointerp_timeout_s <= 0:
-            raise ConfigError("--autointerp-latents must be >= 0 and --autointerp-timeout-s > 0")
+        if self.autointerp_latents < 0 or self.autointerp_retries < 0 or self.autointerp_timeout_s <= 0:
+            raise ConfigError("--autointerp-latents and --autointerp-retries must be >= 0, --autointerp-timeout-s > 0")
 
 
 @dataclass
@@ -304,7 +306,10 @@ def _autointerp_client(cfg: EvalConfig, saes: dict):
                 "latents; ask for at most that many"
             )
     cache = Path(cfg.out) / "autointerp-answers.jsonl"
-    return eval_client(cfg.autointerp_endpoint, cfg.autointerp_model, cfg.autointerp_timeout_s, cfg.eval_device, cache)
+    return eval_client(
+        cfg.autointerp_endpoint, cfg.autointerp_model, cfg.autointerp_timeout_s, cfg.eval_device, cache,
+        retries=cfg.autointerp_retries,
+    )  # fmt: skip
 
 
 def _labelled_tasks(cfg: EvalConfig) -> dict:

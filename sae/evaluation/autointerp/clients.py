@@ -73,20 +73,29 @@ class HttpClient:
 
 
 class TransformersClient:
-    """A local causal LM through transformers (greedy decoding of the prompt's continuation)."""
+    """A local causal LM through transformers, greedy decoding. A tokenizer with a chat template (an instruction-
+    tuned model) gets the prompt as one user turn in it; a base model without one (the offline default) continues
+    the prompt as written, which is why the prompts end with a cue (Description:, Answer:)."""
 
     def __init__(self, model_name: str = "offline-default", max_new_tokens: int = 32, device: str = "cpu"):
         from harvest.config import ModelConfig
         from harvest.lm import load_lm
 
         self.model = model_name
-        self.lm, self.tokenizer = load_lm(ModelConfig(model=model_name, model_device=device))
+        # layer 0: any model has it (the client generates; it captures no layer)
+        self.lm, self.tokenizer = load_lm(ModelConfig(model=model_name, layer=0, model_device=device))
         self.max_new_tokens = max_new_tokens
 
     def complete(self, prompt: str) -> str:
         import torch
 
-        ids = self.tokenizer(prompt, return_tensors="pt").to(next(self.lm.parameters()).device)
+        device = next(self.lm.parameters()).device
+        if getattr(self.tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}]
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False).to(device)
+        else:
+            ids = self.tokenizer(prompt, return_tensors="pt").to(device)
         with torch.inference_mode():
             out = self.lm.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)

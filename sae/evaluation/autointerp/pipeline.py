@@ -159,7 +159,7 @@ def autointerp_sae(
 
 
 def eval_client(
-    endpoint: str | None, model: str | None, timeout_s: float, device: str, cache: str | Path
+    endpoint: str | None, model: str | None, timeout_s: float, device: str, cache: str | Path, retries: int = 3
 ) -> CachedClient:
     """The explainer/scorer of `python -m sae eval`: the endpoint's `model` over HTTP, else a local transformers
     model (default the offline Gemma-3 270M), behind the answer cache at `cache`."""
@@ -169,7 +169,7 @@ def eval_client(
                 "--autointerp-endpoint needs --autointerp-model: the name the server serves the model under "
                 "(vLLM: the --served-model-name or path; Ollama: e.g. llama3.2)"
             )
-        client = HttpClient(endpoint, model, timeout_s=timeout_s)
+        client = HttpClient(endpoint, model, timeout_s=timeout_s, retries=retries)
     else:
         from sae.evaluation.autointerp.clients import TransformersClient
 
