@@ -54,7 +54,7 @@ def test_write_plots_writes_valid_pngs(tmp_path):
         worst = {"accuracy": 0.6, "worst_group": 0.2}
         after = {"accuracy": 0.7, "worst_group": 0.6}
         r["concept_removal"] = {"task": "icd10-encounter", "n_latents": 5, "before": worst, "after": after,
-                                "random": worst}  # fmt: skip
+                                "random": worst, "after_fixed_probe": after, "random_fixed_probe": worst}  # fmt: skip
         scored = [{"detection": {"f1": f}, "floor": {"f1": f / 2}} for f in (0.3, 0.8, 0.95)]
         r["autointerp"] = {"latents": [*scored, {"detection": None, "floor": None}]}  # one latent not scored
     written = write_plots(report, tmp_path / "figs")

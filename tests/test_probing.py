@@ -103,6 +103,10 @@ def test_concept_removal_finds_the_planted_spurious_latent_and_restores_worst_gr
     assert before["worst_group"] < 0.3  # the probe took the shortcut: the groups where attribute != label fail
     assert after["worst_group"] > 0.7 and after["worst_group"] > before["worst_group"] + 0.4
     assert random["worst_group"] < before["worst_group"] + 0.2  # 4 random draws of 1 of 8 latents: mostly not it
+    # The same probe, not refitted: with the attribute's latent held at its mean it falls back on the label's.
+    fixed = result["after_fixed_probe"]
+    assert fixed["worst_group"] > 0.7 and fixed["worst_group"] > before["worst_group"] + 0.4
+    assert result["random_fixed_probe"]["worst_group"] < before["worst_group"] + 0.2
     # The worst group by hand for the probe before ablation, as a cross-check of the groups' definition.
     x_tr, y_tr, _ = train
     x_te, y_te, s_te = test
@@ -131,8 +135,14 @@ def test_icd10_tasks_are_balanced_deterministic_and_correlated_only_in_training(
     assert 0.9 <= agree <= 0.97  # the shortcut the probe can take in training
     groups = torch.bincount(2 * test.labels + test.spurious).tolist()
     assert groups == [40, 40, 40, 40]  # every label x encounter group alike in test
-    for text, s in zip(test.texts, test.spurious.tolist()):
+    for text, y, s in zip(test.texts, test.labels.tolist(), test.spurious.tolist()):
         assert text.endswith(("initial encounter", "subsequent encounter")[s])
+        words = set(text.replace(",", " ").split())
+        assert ("right" in words, "left" in words) == ((True, False), (False, True))[y]  # the side, one only
+    looser = load_task("icd10-encounter", per_class=40, seed=0, correlation=0.75).train
+    assert 0.7 <= float((looser.labels == looser.spurious).double().mean()) <= 0.8
+    with pytest.raises(ConfigError, match="between 0.5 .none. and 1 .complete.; got 1.5"):
+        load_task("icd10-encounter", correlation=1.5)
 
 
 def test_bias_in_bios_loads_from_a_local_copy_in_the_hubs_format(tmp_path):

@@ -232,9 +232,10 @@ def test_eval_adds_k_sparse_probing_and_concept_removal_on_the_offline_tasks(tin
     assert all(0.0 <= acc <= 1.0 for acc in [*probing["k"].values(), probing["dense"]])
     assert probing["train_texts"] == probing["test_texts"] == 5 * 12
     assert removal["spurious"] == "encounter" and len(removal["ablated"]) == 2
-    assert 0.0 <= removal["after"]["worst_group"] <= 1.0
+    assert all(0.0 <= removal[k]["worst_group"] <= 1.0 for k in ("before", "after", "after_fixed_probe"))
     md = (out / "report.md").read_text()
     assert "k-sparse probing on icd10-chapters" in md and "concept removal on icd10-encounter" in md
+    assert "refitted probe" in md and "same probe" in md
 
 
 def test_eval_refuses_a_labelled_task_without_labels_before_loading_the_model(tmp_path, capsys):

@@ -3,12 +3,14 @@ concept-removal tasks (a label and a spurious attribute correlated with it in tr
 
     icd10-chapters      offline: ICD-10-CM descriptions (no codes, which would give the label away) of five
                         chapters (infectious, endocrine, mental, circulatory, respiratory), balanced
-    icd10-encounter     offline concept removal: injuries by body region (S codes, label 0) against injuries
-                        by type and poisonings (T codes, label 1); the spurious attribute is the encounter phrase
-                        ("initial encounter" 0, "subsequent encounter" 1), equal to the label for 95% of the
-                        training texts and independent of it in the test texts
+    icd10-encounter     offline concept removal: injuries (S codes) of the right side (label 0) against the left
+                        (label 1), descriptions naming one side only; the spurious attribute is the encounter
+                        phrase ("initial encounter" 0, "subsequent encounter" 1), equal to the label for 95% of
+                        the training texts (`correlation`) and independent of it in the test texts. The side is
+                        one word, the encounter a phrase, so a probe can lean on the attribute: a task where
+                        removal has something to fix (S against T codes, an earlier label, was too easy)
     bias-in-bios        the hub's LabHC/bias_in_bios (columns hard_text, profession, gender): professor (label 0)
-                        against nurse (label 1), gender spurious, correlated 95% in training as above;
+                        against nurse (label 1), gender spurious, correlated in training as above;
                         bias-in-bios:DIR reads a local copy (DIR/train.jsonl, DIR/test.jsonl, same columns)
     PATH.csv / .jsonl   a local file with a text column, a label column and optionally a spurious column
                         (--text-field/--label-field/--spurious-field), split 70/30 by a seeded shuffle
@@ -52,16 +54,20 @@ class Task:
 
 
 def load_task(
-    name: str, per_class: int = 200, seed: int = 0, fields: tuple[str, str, str | None] = ("text", "label", None)
-) -> Task:
+    name: str, per_class: int = 200, seed: int = 0, fields: tuple[str, str, str | None] = ("text", "label", None),
+    correlation: float = 0.95,
+) -> Task:  # fmt: skip
     """The task `name` (TASKS, bias-in-bios:DIR, or a .csv/.jsonl path) with about `per_class` texts per class
-    (per label x attribute group for concept removal) in each split."""
+    (per label x attribute group for concept removal) in each split; `correlation`: the fraction of training texts
+    whose attribute equals their label, in the built-in concept-removal tasks (a local file keeps its own)."""
+    if not 0.5 <= correlation <= 1:
+        raise ConfigError(f"the spurious correlation must be between 0.5 (none) and 1 (complete); got {correlation}")
     if name == "icd10-chapters":
         return icd10_chapters(per_class, seed)
     if name == "icd10-encounter":
-        return icd10_encounter(per_class, seed)
+        return icd10_encounter(per_class, seed, correlation)
     if name == "bias-in-bios" or name.startswith("bias-in-bios:"):
-        return bias_in_bios(name.partition(":")[2] or None, per_class, seed)
+        return bias_in_bios(name.partition(":")[2] or None, per_class, seed, correlation)
     if Path(name).suffix in (".csv", ".jsonl"):
         return local_file(Path(name), *fields, seed=seed)
     raise ConfigError(
@@ -114,22 +120,21 @@ def _correlated(groups: dict[tuple[int, int], list[str]], per_group: int, rng: r
     return as_split(train), as_split(test)
 
 
-def icd10_encounter(per_group: int, seed: int) -> Task:
+def icd10_encounter(per_group: int, seed: int, correlation: float = 0.95) -> Task:
     codes = _icd10()
     groups: dict[tuple[int, int], list[str]] = {(y, s): [] for y in (0, 1) for s in (0, 1)}
     for code, (_b, description) in sorted(codes.items()):
-        if code[0] not in "ST":
+        words = set(description.replace(",", " ").split())
+        if code[0] != "S" or ("right" in words) == ("left" in words):
             continue
         for attribute, phrase in enumerate(("initial encounter", "subsequent encounter")):
             if description.endswith(phrase):
-                groups[(int(code[0] == "T"), attribute)].append(description)
-    train, test = _correlated(groups, per_group, random.Random(seed))
-    return Task(
-        "icd10-encounter", ["S: injury by body region", "T: injury by type, poisoning"], train, test, "encounter"
-    )
+                groups[(int("left" in words), attribute)].append(description)
+    train, test = _correlated(groups, per_group, random.Random(seed), correlation)
+    return Task("icd10-encounter", ["right side", "left side"], train, test, "encounter")
 
 
-def bias_in_bios(local: str | None, per_group: int, seed: int) -> Task:
+def bias_in_bios(local: str | None, per_group: int, seed: int, correlation: float = 0.95) -> Task:
     """Professor vs nurse, gender spurious, from the hub or a local copy in the same format."""
     import datasets
 
@@ -163,7 +168,7 @@ def bias_in_bios(local: str | None, per_group: int, seed: int) -> Task:
         for row in data[split]:
             if row["profession"] in labels:
                 groups[(labels[row["profession"]], int(row["gender"]))].append(row["hard_text"])
-    train, test = _correlated(groups, per_group, random.Random(seed))
+    train, test = _correlated(groups, per_group, random.Random(seed), correlation)
     return Task("bias-in-bios", list(BIOS_PROFESSIONS.values()), train, test, "gender")
 
 

@@ -152,13 +152,16 @@ def _probing_plot(plt, probing: list[tuple[str, dict]], out: Path) -> Path:
 
 
 def _removal_plot(plt, removal: list[tuple[str, dict]], out: Path) -> Path:
-    """Worst-group accuracy before, after ablating the attribute's latents, and after random latents."""
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    """Worst-group accuracy before, after ablating the attribute's latents, and after random latents, with the
+    probe refitted and with the same probe."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     width = 0.8 / len(removal)
+    keys = ("before", "after", "random", "after_fixed_probe", "random_fixed_probe")
+    names = ["before", "attribute's\nlatents", "random\nlatents", "attribute's\n(same probe)", "random\n(same probe)"]
     for i, (label, c) in enumerate(removal):
-        values = [c["before"]["worst_group"], c["after"]["worst_group"], c["random"]["worst_group"]]
-        ax.bar([j + i * width for j in range(3)], values, width, label=label)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(3)], ["before", "attribute's latents", "random latents"])
+        values = [c[k]["worst_group"] for k in keys]
+        ax.bar([j + i * width for j in range(len(keys))], values, width, label=label)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))], names, fontsize=8)
     ax.set_ylabel("worst-group test accuracy")
     ax.set_title(f"Concept removal: {removal[0][1]['task']} ({removal[0][1]['n_latents']} latents ablated)")
     ax.legend(fontsize=8)

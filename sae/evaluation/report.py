@@ -87,8 +87,11 @@ class EvalConfig:
     attribute's latents, against random ones. None skips it."""
     probe_texts: int = 200
     """Texts per class (per label x attribute group for concept removal) in each split of the labelled task."""
-    removal_latents: int = 5
+    removal_latents: int = 20
     """How many latents concept removal ablates (those most tied to the spurious attribute)."""
+    spurious_correlation: float = 0.95
+    """The fraction of the concept-removal task's training texts whose spurious attribute equals their label
+    (icd10-encounter, bias-in-bios; 0.5 none, 1 complete); a local file keeps its own."""
     autointerp_latents: int = 0
     """Automated interpretation of this many latents per SAE, drawn (seeded by --data-seed) from those firing on
     the held-out rows: an explainer LM describes each from its top and quantile contexts, a scorer LM classifies
@@ -320,7 +323,9 @@ def _labelled_tasks(cfg: EvalConfig) -> dict:
         tasks["sparse_probing"] = load_task(cfg.sparse_probing, cfg.probe_texts, fields=(cfg.text_field, "label", None))
     if cfg.concept_removal:
         fields = (cfg.text_field, "label", "spurious")
-        tasks["concept_removal"] = load_task(cfg.concept_removal, cfg.probe_texts, fields=fields)
+        tasks["concept_removal"] = load_task(
+            cfg.concept_removal, cfg.probe_texts, fields=fields, correlation=cfg.spurious_correlation
+        )
     return tasks
 
 
@@ -352,10 +357,13 @@ def interpretability_lines(report: dict[str, Any]) -> list[str]:
         if "concept_removal" in r:
             c = r["concept_removal"]
             b, a, rnd = c["before"], c["after"], c["random"]
+            f, rf = c["after_fixed_probe"], c["random_fixed_probe"]
             lines.append(
                 f"- {path}: concept removal on {c['task']} ({c['spurious']}, {c['n_latents']} latents): worst-group "
-                f"accuracy {b['worst_group']:.3f} -> {a['worst_group']:.3f} (random latents {rnd['worst_group']:.3f}); "
-                f"overall {b['accuracy']:.3f} -> {a['accuracy']:.3f} (random {rnd['accuracy']:.3f})"
+                f"accuracy {b['worst_group']:.3f} -> {a['worst_group']:.3f} refitted probe, {f['worst_group']:.3f} "
+                f"same probe (random latents {rnd['worst_group']:.3f} / {rf['worst_group']:.3f}); overall "
+                f"{b['accuracy']:.3f} -> {a['accuracy']:.3f} / {f['accuracy']:.3f} (random {rnd['accuracy']:.3f} / "
+                f"{rf['accuracy']:.3f})"
             )
     return lines
 
