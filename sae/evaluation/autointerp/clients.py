@@ -97,5 +97,18 @@ class TransformersClient:
         else:
             ids = self.tokenizer(prompt, return_tensors="pt").to(device)
         with torch.inference_mode():
-            out = self.lm.generate(**ids, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self.lm.generate(
+                **ids, max_new_tokens=self.max_new_tokens, do_sample=False, stopping_criteria=[self._first_line(ids)]
+            )
         return self.tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    def _first_line(self, ids):
+        """Stops generating once the answer has a line with text (all either prompt asks for), rather than
+        running to max_new_tokens; leading blank lines do not count."""
+        start, decode = ids["input_ids"].shape[1], self.tokenizer.decode
+
+        def done(input_ids, scores, **kwargs) -> bool:
+            text = decode(input_ids[0, start:], skip_special_tokens=True).lstrip()
+            return bool(text) and "\n" in text
+
+        return done
