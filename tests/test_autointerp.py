@@ -32,11 +32,21 @@ def test_detection_scores_on_scripted_answers_match_the_hand_count():
 class Server:
     """A scripted OpenAI-compatible chat-completions server on a free local port, counting requests."""
 
-    def __init__(self, replies):
-        self.replies, self.requests, self.prompts = list(replies), 0, []
+    def __init__(self, replies, models=None):
+        self.replies, self.requests, self.prompts, self.models = list(replies), 0, [], models
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 -- /v1/models, when the server lists its models
+                if outer.models is None or self.path != "/v1/models":
+                    self.send_error(404)
+                    return
+                data = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]})
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data.encode())
+
             def do_POST(self):  # noqa: N802 -- http.server's name
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 outer.requests += 1
@@ -73,8 +83,8 @@ class Server:
 def server():
     servers = []
 
-    def start(replies):
-        servers.append(Server(replies))
+    def start(replies, models=None):
+        servers.append(Server(replies, models))
         return servers[-1]
 
     yield start
@@ -104,6 +114,19 @@ def test_an_unreachable_endpoint_is_named_with_what_to_check():
         EndpointError, match=f"127.0.0.1:{port}/v1/chat/completions did not answer .* server is running"
     ):
         client.complete("hello")
+    with pytest.raises(EndpointError, match=f"cannot reach the LM endpoint at http://127.0.0.1:{port}/v1/models"):
+        client.check()  # what python -m sae eval asks before any model work
+
+
+def test_the_endpoint_check_reads_the_served_models_and_warns_of_a_name_not_among_them(server, tmp_path):
+    from sae.evaluation.autointerp.pipeline import eval_client
+
+    listing, bare = server([], models=["llama3.2:latest"]), server([])
+    assert HttpClient(listing.url, "m").check() == ["llama3.2:latest"]
+    assert HttpClient(bare.url, "m").check() is None  # no listing (404): reachable, not refused
+    with pytest.warns(UserWarning, match="lists the models \\['llama3.2:latest'\\], not 'llama3.2'"):
+        eval_client(listing.url, "llama3.2", 5.0, "cpu", tmp_path / "answers.jsonl")
+    assert listing.requests == bare.requests == 0  # the check asks no question
 
 
 def test_an_interrupted_run_resumes_from_the_answer_cache_without_asking_twice(server, tmp_path):

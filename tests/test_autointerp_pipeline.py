@@ -312,8 +312,14 @@ def test_eval_autointerp_feeds_report_plot_and_browser_and_resumes(sparse_sae, t
 
 
 def test_eval_autointerp_refuses_more_latents_than_the_sae_has_and_a_dead_endpoint(
-    sparse_sae, tiny_model, text_file, tmp_path, capsys
+    sparse_sae, tiny_model, text_file, tmp_path, capsys, monkeypatch
 ):
+    import sae.evaluation.report as report
+
+    def no_model_work(*args, **kwargs):
+        raise AssertionError("the language model was loaded before the request was refused")
+
+    monkeypatch.setattr(report, "load_lm", no_model_work)
     flags = ["--autointerp-endpoint", "http://127.0.0.1:9", "--autointerp-model", "m"]
     assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, "--autointerp-latents", "25", *flags)) == 2
     assert "--autointerp-latents 25: " in (err := capsys.readouterr().err) and "has only 24 latents" in err
@@ -332,7 +338,7 @@ def test_eval_autointerp_refuses_more_latents_than_the_sae_has_and_a_dead_endpoi
     ]
     assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, "--autointerp-latents", "2", *flags)) == 2
     err = capsys.readouterr().err
-    assert f"127.0.0.1:{port}/v1/chat/completions did not answer" in err and "server is running" in err
+    assert f"cannot reach the LM endpoint at http://127.0.0.1:{port}/v1/models" in err and "server is running" in err
     no_model = ["--autointerp-latents", "2", "--autointerp-endpoint", f"http://127.0.0.1:{port}"]
     assert main(eval_args(sparse_sae, tiny_model, text_file, tmp_path, *no_model)) == 2
     assert "--autointerp-endpoint needs --autointerp-model" in capsys.readouterr().err

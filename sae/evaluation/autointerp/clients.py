@@ -37,6 +37,26 @@ class HttpClient:
         self.max_tokens, self.api_key = max_tokens, api_key
         self.requests = 0  # sent, retries included
 
+    def check(self) -> list[str] | None:
+        """Before any work: is a server listening at the address? GET /v1/models (vLLM, llama.cpp's server and
+        Ollama serve it). A connection that fails raises EndpointError; any HTTP reply counts as reachable (a
+        server without the listing is not refused). Returns the served model ids when the server lists them."""
+        url = self.url.removesuffix("/chat/completions") + "/models"
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.timeout_s) as r:
+                listing = json.loads(r.read())
+            return [str(m["id"]) for m in listing["data"]]
+        except urllib.error.HTTPError:
+            return None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+            raise EndpointError(
+                f"cannot reach the LM endpoint at {url} ({type(e).__name__}: {e}); check that the server is running "
+                "at that address (vLLM: vllm serve MODEL --port 8000; Ollama: ollama serve, port 11434)"
+            ) from e
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError):
+            return None
+
     def complete(self, prompt: str) -> str:
         body = {
             "model": self.model,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,13 @@ def eval_client(
                 "(vLLM: the --served-model-name or path; Ollama: e.g. llama3.2)"
             )
         client = HttpClient(endpoint, model, timeout_s=timeout_s, retries=retries)
+        served = client.check()
+        if served is not None and model not in served:
+            warnings.warn(
+                f"{endpoint} lists the models {served}, not {model!r}; if its requests fail, pass one of those to "
+                "--autointerp-model",
+                stacklevel=2,
+            )
     else:
         from sae.evaluation.autointerp.clients import TransformersClient
 
