@@ -344,6 +344,7 @@ def test_eval_autointerp_refuses_more_latents_than_the_sae_has_and_a_dead_endpoi
     assert "--autointerp-endpoint needs --autointerp-model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_offline_gemma_served_over_http_explains_and_scores_through_the_pipeline(tmp_path):
     """The HTTP path against a real model: a local OpenAI-compatible server started here answers with the offline
     Gemma-3 270M through transformers (the local default client), sized for CI (2 latents, 10 prompts, ~40 s on
