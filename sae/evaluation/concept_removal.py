@@ -40,11 +40,10 @@ class LabelledActivations(NamedTuple):
     spurious: Tensor
 
 
-def ablate(x: Tensor, acts: Tensor, W_dec: Tensor, latents: Tensor, fill: Tensor | None = None) -> Tensor:
-    """x [N, D] with `latents` (their activations acts [N, F]) set to `fill` [len(latents)] (default 0) in the
-    decoder's contribution."""
-    chosen = acts[:, latents] if fill is None else acts[:, latents] - fill
-    return x - chosen @ W_dec[latents]
+def ablate(x: Tensor, acts: Tensor, W_dec: Tensor, latents: Tensor, fill: Tensor) -> Tensor:
+    """x [N, D] with `latents` (their activations acts [N, F]) set to `fill` [len(latents)] in the decoder's
+    contribution."""
+    return x - (acts[:, latents] - fill) @ W_dec[latents]
 
 
 def attribute_scores(latents: Tensor, labels: Tensor, spurious: Tensor) -> Tensor:
